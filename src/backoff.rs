@@ -1,0 +1,80 @@
+//! Exponential backoff with full jitter: each wait is uniform in [0, min(ceiling, initial*2^n)].
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use crate::constants::{BACKOFF_CEILING, BACKOFF_INITIAL};
+
+pub struct Backoff {
+    attempt: u32,
+    rng: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        // RandomState is seeded from the OS: enough entropy for jitter, without a crate.
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        Backoff {
+            attempt: 0,
+            rng: h.finish() | 1,
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = BACKOFF_INITIAL
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(BACKOFF_CEILING);
+        self.attempt = self.attempt.saturating_add(1);
+        cap.mul_f64(self.unit())
+    }
+
+    /// For failures that only an operator can fix (a host key mismatch): wait at the ceiling.
+    pub fn ceiling_delay(&mut self) -> Duration {
+        self.attempt = self.attempt.saturating_add(1);
+        BACKOFF_CEILING.mul_f64(0.5 + self.unit() / 2.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// xorshift64*: uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let x = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_are_jittered_and_capped() {
+        let mut b = Backoff::default();
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        for (n, d) in delays.iter().enumerate() {
+            let cap = BACKOFF_INITIAL.saturating_mul(1 << n).min(BACKOFF_CEILING);
+            assert!(*d <= cap, "attempt {n}: {d:?} > {cap:?}");
+        }
+        assert!(
+            delays.windows(2).any(|w| w[0] != w[1]),
+            "no jitter: {delays:?}"
+        );
+        // Late delays are spread over the whole ceiling, not pinned to it.
+        let late: Vec<Duration> = (0..50).map(|_| b.next_delay()).collect();
+        assert!(late.iter().any(|d| *d < BACKOFF_CEILING / 2));
+        assert!(late.iter().any(|d| *d > BACKOFF_CEILING / 2));
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_INITIAL);
+        assert!(b.ceiling_delay() >= BACKOFF_CEILING / 2);
+    }
+}

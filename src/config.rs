@@ -1,0 +1,918 @@
+//! Configuration: `agent.toml`, the Docker-compatible `agent.env`, and the process environment,
+//! merged, validated and turned into ready-to-use values (parsed keys, durations, sizes).
+//!
+//! Precedence, highest first: process environment (`SSH_*`), the env file, `agent.toml`,
+//! built-in defaults. Either file alone can be a complete configuration.
+//!
+//! Every problem is collected (not just the first) and names the file and key at fault.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use russh::keys::{HashAlg, PrivateKey, PublicKey};
+use serde::Deserialize;
+
+use crate::constants::*;
+use crate::policy::Policy;
+
+/// The names the Docker image reads, in the order they are documented.
+pub const ENV_KEYS: &[&str] = &[
+    "SSH_HOST",
+    "SSH_PORT",
+    "SSH_HOST_PORT",
+    "SSH_LISTEN_PORT",
+    "SSH_KEY_BASE64",
+    "SSH_USER",
+    "SSH_HOST_KEY",
+];
+
+/// Where the configuration comes from. `None` paths mean "the default, if it exists".
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub config: Option<PathBuf>,
+    pub env_file: Option<PathBuf>,
+    /// The process environment's `SSH_*` values (injected so tests need not touch the real one).
+    pub env: BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// The `SSH_*` variables of this process.
+    pub fn process_env() -> BTreeMap<String, String> {
+        ENV_KEYS
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect()
+    }
+}
+
+/// Everything the agent needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub tunnel: TunnelConfig,
+    pub forward: ForwardConfig,
+    pub log: LogConfig,
+    /// Which files were read, for messages and `check-config`.
+    pub origin: String,
+    pub warnings: Vec<String>,
+}
+
+/// Settings of the SSH session itself: changing any of them means a new session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub listen_address: String,
+    pub listen_port: u16,
+    pub key: SecretKey,
+    pub host_keys: Vec<PublicKey>,
+    pub keepalive_interval: Duration,
+    pub keepalive_max: u32,
+}
+
+/// Settings applied per channel: they change live on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardConfig {
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+    pub max_pending: u64,
+    pub shutdown_timeout: Duration,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: log::LevelFilter,
+}
+
+/// The client's private key. Its `Debug` and `Display` say only what kind of key it is and its
+/// public fingerprint: the private half never reaches a log, an error or a panic message.
+#[derive(Clone)]
+pub struct SecretKey {
+    key: Arc<PrivateKey>,
+    /// Where it came from (`key_file = ...` or `key_base64`), for messages.
+    pub origin: String,
+}
+
+impl SecretKey {
+    pub fn key(&self) -> Arc<PrivateKey> {
+        self.key.clone()
+    }
+
+    pub fn fingerprint(&self) -> String {
+        self.key
+            .public_key()
+            .fingerprint(HashAlg::Sha256)
+            .to_string()
+    }
+
+    pub fn algorithm(&self) -> String {
+        self.key.algorithm().as_str().to_string()
+    }
+}
+
+impl PartialEq for SecretKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key.public_key() == other.key.public_key()
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({self})")
+    }
+}
+
+impl fmt::Display for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} key {} from {}",
+            self.algorithm(),
+            self.fingerprint(),
+            self.origin
+        )
+    }
+}
+
+/// Every configuration problem found, each naming its file and key.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub errors: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    tunnel: RawTunnel,
+    #[serde(default)]
+    forward: RawForward,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    host: Option<String>,
+    port: Option<i64>,
+    user: Option<String>,
+    listen_port: Option<i64>,
+    listen_address: Option<String>,
+    key_file: Option<PathBuf>,
+    key_base64: Option<String>,
+    host_keys: Option<Vec<String>>,
+    keepalive_interval: Option<String>,
+    keepalive_max: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    connect_timeout: Option<String>,
+    max_connections: Option<i64>,
+    max_pending: Option<String>,
+    shutdown_timeout: Option<String>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+}
+
+/// A value and the place it came from, e.g. `/etc/secoda-agent/agent.toml: [tunnel] host`.
+struct Val<T> {
+    value: T,
+    at: String,
+}
+
+/// Load and validate. Reads the files afresh each call (this is also the reload path).
+pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let mut origin = Vec::new();
+
+    let (toml_path, toml_required) = match &sources.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let (env_path, env_required) = match &sources.env_file {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_ENV_FILE_PATH), false),
+    };
+
+    let mut raw = RawFile::default();
+    let toml_name = toml_path.display().to_string();
+    let mut toml_text = None;
+    match read_small_file(&toml_path, toml_required) {
+        Ok(Some(text)) => {
+            origin.push(toml_name.clone());
+            match toml::from_str::<RawFile>(&text) {
+                Ok(r) => raw = r,
+                Err(e) => errors.push(format!("{toml_name}: {}", one_line_toml_error(&e))),
+            }
+            toml_text = Some(text);
+        }
+        Ok(None) => {}
+        Err(e) => errors.push(format!("{toml_name}: {e}")),
+    }
+
+    let env_name = env_path.display().to_string();
+    let mut env_file = BTreeMap::new();
+    match read_small_file(&env_path, env_required) {
+        Ok(Some(text)) => {
+            origin.push(env_name.clone());
+            match parse_env_file(&text) {
+                Ok(vars) => env_file = vars,
+                Err(e) => errors.push(format!("{env_name}: {e}")),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => errors.push(format!("{env_name}: {e}")),
+    }
+    if !sources.env.is_empty() {
+        origin.push("the process environment".to_string());
+    }
+    for (k, _) in env_file.iter() {
+        if !ENV_KEYS.contains(&k.as_str()) {
+            warnings.push(format!(
+                "{env_name}: {k} is not a setting the agent reads (known: {})",
+                ENV_KEYS.join(", ")
+            ));
+        }
+    }
+
+    // Resolve each setting: process env > env file > toml > default.
+    let env_val = |names: &[&str]| -> Option<Val<String>> {
+        for n in names {
+            if let Some(v) = sources.env.get(*n) {
+                return Some(Val {
+                    value: v.clone(),
+                    at: format!("environment variable {n}"),
+                });
+            }
+        }
+        for n in names {
+            if let Some(v) = env_file.get(*n) {
+                return Some(Val {
+                    value: v.clone(),
+                    at: format!("{env_name}: {n}"),
+                });
+            }
+        }
+        None
+    };
+    let toml_at = |section: &str, key: &str| format!("{toml_name}: [{section}] {key}");
+    let t = &raw.tunnel;
+
+    let host = match env_val(&["SSH_HOST"]).or_else(|| {
+        t.host.clone().map(|v| Val {
+            value: v,
+            at: toml_at("tunnel", "host"),
+        })
+    }) {
+        Some(v) if v.value.trim().is_empty() => {
+            errors.push(format!("{}: must not be empty", v.at));
+            String::new()
+        }
+        Some(v) => v.value.trim().to_string(),
+        None => {
+            errors.push(format!(
+                "no tunnel host configured: set [tunnel] host in {toml_name} or SSH_HOST in {env_name}"
+            ));
+            String::new()
+        }
+    };
+
+    let port = match env_val(&["SSH_PORT", "SSH_HOST_PORT"]) {
+        Some(v) => parse_port(&v.value, &v.at, &mut errors),
+        None => t.port.map_or(DEFAULT_SSH_PORT, |p| {
+            int_port(p, &toml_at("tunnel", "port"), &mut errors)
+        }),
+    };
+
+    let listen_port = match env_val(&["SSH_LISTEN_PORT"]) {
+        Some(v) => parse_port(&v.value, &v.at, &mut errors),
+        None => match t.listen_port {
+            Some(p) => int_port(p, &toml_at("tunnel", "listen_port"), &mut errors),
+            None => {
+                errors.push(format!(
+                    "no listen port configured: set [tunnel] listen_port in {toml_name} or SSH_LISTEN_PORT in {env_name} (Secoda shows it on the tunnel's page)"
+                ));
+                0
+            }
+        },
+    };
+
+    let user = match env_val(&["SSH_USER"]) {
+        Some(v) => v.value,
+        None => t.user.clone().unwrap_or_else(|| DEFAULT_USER.to_string()),
+    };
+    if user.is_empty() {
+        errors.push(format!(
+            "{}: user must not be empty",
+            toml_at("tunnel", "user")
+        ));
+    }
+
+    let listen_address = t
+        .listen_address
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LISTEN_ADDRESS.to_string());
+
+    // Key: env SSH_KEY_BASE64 overrides both file settings.
+    let key = match env_val(&["SSH_KEY_BASE64"]) {
+        Some(v) => load_key_base64(&v.value, &v.at),
+        None => match (&t.key_file, &t.key_base64) {
+            (Some(_), Some(_)) => Err(format!(
+                "{toml_name}: [tunnel] key_file and key_base64 are both set: keep exactly one"
+            )),
+            (Some(path), None) => load_key_file(path, &toml_at("tunnel", "key_file")),
+            (None, Some(b64)) => {
+                if let Some(text) = &toml_text {
+                    if world_readable(&toml_path) && !text.is_empty() {
+                        warnings.push(format!(
+                            "{toml_name} holds key_base64 and is readable by every user: chmod 0640 it (owner root, group secoda-agent)"
+                        ));
+                    }
+                }
+                load_key_base64(b64, &toml_at("tunnel", "key_base64"))
+            }
+            (None, None) => Err(format!(
+                "no private key configured: set [tunnel] key_file or key_base64 in {toml_name}, or SSH_KEY_BASE64 in {env_name}"
+            )),
+        },
+    };
+    let key = match key {
+        Ok(k) => Some(k),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+
+    let host_keys = match env_val(&["SSH_HOST_KEY"]) {
+        Some(v) => {
+            let lines: Vec<String> = v
+                .value
+                .split(['\n', ','])
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            parse_host_keys(&lines, &v.at, &mut errors)
+        }
+        None => match &t.host_keys {
+            Some(list) if list.is_empty() => {
+                errors.push(format!(
+                    "{}: the list is empty; the agent always pins the server's key (remove the key to use Secoda's published one)",
+                    toml_at("tunnel", "host_keys")
+                ));
+                Vec::new()
+            }
+            Some(list) => parse_host_keys(list, &toml_at("tunnel", "host_keys"), &mut errors),
+            None => parse_host_keys(
+                &[SECODA_HOST_KEY.to_string()],
+                "built-in Secoda host key",
+                &mut errors,
+            ),
+        },
+    };
+
+    let keepalive_interval = duration_setting(
+        &t.keepalive_interval,
+        DEFAULT_KEEPALIVE_INTERVAL,
+        &toml_at("tunnel", "keepalive_interval"),
+        &mut errors,
+    );
+    let keepalive_max = match t.keepalive_max {
+        None => DEFAULT_KEEPALIVE_MAX,
+        Some(n) if (1..=1000).contains(&n) => n as u32,
+        Some(n) => {
+            errors.push(format!(
+                "{}: {n} is out of range (1 to 1000)",
+                toml_at("tunnel", "keepalive_max")
+            ));
+            DEFAULT_KEEPALIVE_MAX
+        }
+    };
+
+    let f = &raw.forward;
+    let connect_timeout = duration_setting(
+        &f.connect_timeout,
+        DEFAULT_CONNECT_TIMEOUT,
+        &toml_at("forward", "connect_timeout"),
+        &mut errors,
+    );
+    let shutdown_timeout = duration_setting(
+        &f.shutdown_timeout,
+        DEFAULT_SHUTDOWN_TIMEOUT,
+        &toml_at("forward", "shutdown_timeout"),
+        &mut errors,
+    );
+    let max_connections = match f.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+        Some(n) => {
+            errors.push(format!(
+                "{}: {n} is out of range (1 to 1000000)",
+                toml_at("forward", "max_connections")
+            ));
+            DEFAULT_MAX_CONNECTIONS
+        }
+    };
+    let max_pending = match &f.max_pending {
+        None => DEFAULT_MAX_PENDING,
+        Some(s) => match parse_size(s) {
+            Ok(n) if n >= 64 * 1024 => n,
+            Ok(_) => {
+                errors.push(format!(
+                    "{}: \"{s}\" is too small (at least 64KiB)",
+                    toml_at("forward", "max_pending")
+                ));
+                DEFAULT_MAX_PENDING
+            }
+            Err(e) => {
+                errors.push(format!("{}: {e}", toml_at("forward", "max_pending")));
+                DEFAULT_MAX_PENDING
+            }
+        },
+    };
+    let policy = Policy::parse(
+        f.allow.as_deref().unwrap_or(&[]),
+        f.deny.as_deref().unwrap_or(&[]),
+    )
+    .unwrap_or_else(|errs| {
+        for (key, e) in errs {
+            errors.push(format!("{}: {e}", toml_at("forward", key)));
+        }
+        Policy::default()
+    });
+
+    let level = match &raw.log.level {
+        None => log::LevelFilter::Info,
+        Some(s) => parse_level(s).unwrap_or_else(|e| {
+            errors.push(format!("{}: {e}", toml_at("log", "level")));
+            log::LevelFilter::Info
+        }),
+    };
+
+    if origin.is_empty() && errors.is_empty() {
+        errors.push(format!(
+            "no configuration found: neither {toml_name} nor {env_name} exists, and no SSH_* variables are set"
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(ConfigError { errors });
+    }
+    let Some(key) = key else {
+        return Err(ConfigError { errors });
+    };
+
+    Ok(Config {
+        tunnel: TunnelConfig {
+            host,
+            port,
+            user,
+            listen_address,
+            listen_port,
+            key,
+            host_keys,
+            keepalive_interval,
+            keepalive_max,
+        },
+        forward: ForwardConfig {
+            connect_timeout,
+            max_connections,
+            max_pending,
+            shutdown_timeout,
+            policy,
+        },
+        log: LogConfig { level },
+        origin: origin.join(", "),
+        warnings,
+    })
+}
+
+impl Config {
+    /// A one-screen summary for `check-config`: no secret appears in it.
+    pub fn summary(&self) -> String {
+        let t = &self.tunnel;
+        let f = &self.forward;
+        let pins: Vec<String> = t
+            .host_keys
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} {}",
+                    k.algorithm().as_str(),
+                    k.fingerprint(HashAlg::Sha256)
+                )
+            })
+            .collect();
+        format!(
+            "configuration OK (from {origin})\n\
+             server:        {user}@{host}:{port}\n\
+             remote listen: {la}:{lp}\n\
+             client key:    {key}\n\
+             host key pins: {pins}\n\
+             keepalive:     every {ki:?}, dead after {km} unanswered\n\
+             forward:       connect timeout {ct:?}, at most {mc} connections, {mp} bytes pending per channel\n\
+             policy:        {policy}\n\
+             shutdown:      channels drain for up to {st:?}\n\
+             log level:     {lvl}",
+            origin = self.origin,
+            user = t.user,
+            host = t.host,
+            port = t.port,
+            la = t.listen_address,
+            lp = t.listen_port,
+            key = t.key,
+            pins = pins.join(", "),
+            ki = t.keepalive_interval,
+            km = t.keepalive_max,
+            ct = f.connect_timeout,
+            mc = f.max_connections,
+            mp = f.max_pending,
+            policy = f.policy,
+            st = f.shutdown_timeout,
+            lvl = self.log.level,
+        )
+    }
+}
+
+/// `Ok(None)` when an optional file is absent.
+fn read_small_file(path: &Path, required: bool) -> Result<Option<String>, String> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(None),
+        Err(e) => return Err(describe_io(&e)),
+    };
+    if meta.is_dir() {
+        return Err("is a directory, expected a file".to_string());
+    }
+    if meta.len() > MAX_CONFIG_FILE_SIZE {
+        return Err(format!(
+            "is {} bytes, larger than the {} bytes a configuration file may have",
+            meta.len(),
+            MAX_CONFIG_FILE_SIZE
+        ));
+    }
+    let mut text = String::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_FILE_SIZE).read_to_string(&mut text))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => "is not valid UTF-8 text".to_string(),
+            _ => describe_io(&e),
+        })?;
+    Ok(Some(text))
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "does not exist".to_string(),
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (the agent runs as user secoda-agent: make the file readable by group secoda-agent)".to_string()
+        }
+        _ => format!("cannot be read: {e}"),
+    }
+}
+
+fn world_readable(path: &Path) -> bool {
+    fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o004 != 0)
+        .unwrap_or(false)
+}
+
+/// TOML errors span several lines (with a source excerpt); keep the position and the message.
+fn one_line_toml_error(e: &toml::de::Error) -> String {
+    let full = e.to_string();
+    let position = full
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("TOML parse error at "))
+        .filter(|_| e.span().is_some());
+    match position {
+        Some(p) => format!("{p}: {}", e.message().trim()),
+        None => e.message().trim().to_string(),
+    }
+}
+
+/// Docker-compose style `KEY=VALUE` lines: comments, blank lines, `export`, optional quotes.
+pub fn parse_env_file(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut vars = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!(
+                "line {}: expected KEY=VALUE, found text without '='",
+                i + 1
+            ));
+        };
+        let k = k.trim();
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("line {}: \"{k}\" is not a variable name", i + 1));
+        }
+        let v = v.trim();
+        let v = if v.len() >= 2
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')))
+        {
+            &v[1..v.len() - 1]
+        } else {
+            // An unquoted value ends at an inline " #" comment, as in docker compose.
+            v.split(" #").next().unwrap_or(v).trim_end()
+        };
+        vars.insert(k.to_string(), v.to_string());
+    }
+    Ok(vars)
+}
+
+fn parse_port(s: &str, at: &str, errors: &mut Vec<String>) -> u16 {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => {
+            errors.push(format!("{at}: \"{s}\" is not a port number (1 to 65535)"));
+            0
+        }
+    }
+}
+
+fn int_port(p: i64, at: &str, errors: &mut Vec<String>) -> u16 {
+    match u16::try_from(p) {
+        Ok(p) if p != 0 => p,
+        _ => {
+            errors.push(format!("{at}: {p} is not a port number (1 to 65535)"));
+            0
+        }
+    }
+}
+
+fn duration_setting(
+    raw: &Option<String>,
+    default: Duration,
+    at: &str,
+    errors: &mut Vec<String>,
+) -> Duration {
+    match raw {
+        None => default,
+        Some(s) => match parse_duration(s) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                errors.push(format!("{at}: must be longer than zero"));
+                default
+            }
+            Err(e) => {
+                errors.push(format!("{at}: {e}"));
+                default
+            }
+        },
+    }
+}
+
+/// `"15s"`, `"2m"`, `"500ms"`, `"1h30m"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad =
+        || format!("\"{s}\" is not a duration (examples: \"500ms\", \"15s\", \"2m\", \"1h\")");
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(d);
+    }
+    if total > Duration::from_secs(7 * 24 * 3600) {
+        return Err(format!("\"{s}\" is longer than a week"));
+    }
+    Ok(total)
+}
+
+/// `"8MiB"`, `"512KiB"`, `"1GiB"`, `"65536"` (bytes); KB/MB/GB are taken as their binary cousins.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let bad = || format!("\"{s}\" is not a size (examples: \"512KiB\", \"8MiB\", \"1GiB\")");
+    if digits == 0 {
+        return Err(bad());
+    }
+    let n: u64 = t[..digits].parse().map_err(|_| bad())?;
+    let mult: u64 = match t[digits..].trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+pub fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("\"{s}\" is not a log level (error, warn, info, debug, trace)"))
+}
+
+fn load_key_file(path: &Path, at: &str) -> Result<SecretKey, String> {
+    let shown = path.display();
+    let meta =
+        fs::metadata(path).map_err(|e| format!("{at} = \"{shown}\": {}", describe_io(&e)))?;
+    if meta.is_dir() {
+        return Err(format!(
+            "{at} = \"{shown}\": is a directory, expected a private key file"
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{at} = \"{shown}\": permissions {mode:04o} are too open: a private key must be readable by its owner only (chmod 600 \"{shown}\"; chown secoda-agent \"{shown}\")"
+        ));
+    }
+    if meta.len() > MAX_CONFIG_FILE_SIZE {
+        return Err(format!("{at} = \"{shown}\": too large to be a private key"));
+    }
+    let bytes = fs::read(path).map_err(|e| format!("{at} = \"{shown}\": {}", describe_io(&e)))?;
+    decode_key(&bytes, &format!("{at} = \"{shown}\""))
+}
+
+fn load_key_base64(b64: &str, at: &str) -> Result<SecretKey, String> {
+    let compact: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|e| {
+            // The decoder's message names only a position and a character class, never content.
+            let why = match e {
+                base64::DecodeError::InvalidByte(pos, _) => {
+                    format!("invalid character at position {pos}")
+                }
+                base64::DecodeError::InvalidLength(_) => "the length is not valid base64".into(),
+                base64::DecodeError::InvalidLastSymbol(pos, _) => {
+                    format!("invalid last symbol at position {pos}")
+                }
+                base64::DecodeError::InvalidPadding => "invalid padding".into(),
+            };
+            format!("{at}: not valid base64 ({why}); it must be the base64 of the whole private key file (base64 -w0 id_ed25519)")
+        })?;
+    decode_key(&bytes, at)
+}
+
+fn decode_key(bytes: &[u8], at: &str) -> Result<SecretKey, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        format!(
+            "{at}: not a text private key file (expected \"-----BEGIN OPENSSH PRIVATE KEY-----\")"
+        )
+    })?;
+    if !text.contains("-----BEGIN ") {
+        if text.trim_start().starts_with("ssh-") || text.trim_start().starts_with("ecdsa-") {
+            return Err(format!(
+                "{at}: this is a public key; the agent needs the private key file (the one without .pub)"
+            ));
+        }
+        return Err(format!(
+            "{at}: not a private key file (expected \"-----BEGIN OPENSSH PRIVATE KEY-----\")"
+        ));
+    }
+    let key = russh::keys::decode_secret_key(text, None).map_err(|e| match e {
+        russh::keys::Error::KeyIsEncrypted => format!(
+            "{at}: the private key is encrypted with a passphrase; the agent runs unattended, so remove it (ssh-keygen -p -N '' -f KEYFILE) or generate a key without one"
+        ),
+        russh::keys::Error::UnsupportedKeyType { key_type_string, .. } => {
+            format!("{at}: unsupported key type {key_type_string} (use ed25519, ECDSA or RSA)")
+        }
+        _ => format!(
+            "{at}: the private key could not be parsed (expected an OpenSSH, PEM or PKCS#8 ed25519, ECDSA or RSA key)"
+        ),
+    })?;
+    Ok(SecretKey {
+        key: Arc::new(key),
+        origin: at.to_string(),
+    })
+}
+
+/// Accepts `TYPE BASE64 [comment]` and known_hosts lines (`HOST TYPE BASE64`).
+fn parse_host_keys(lines: &[String], at: &str, errors: &mut Vec<String>) -> Vec<PublicKey> {
+    let mut keys = Vec::new();
+    for line in lines {
+        let line = line.trim();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let start = fields
+            .iter()
+            .position(|f| f.starts_with("ssh-") || f.starts_with("ecdsa-") || f.starts_with("sk-"));
+        let parsed = start.and_then(|i| {
+            let candidate = fields[i..].join(" ");
+            PublicKey::from_openssh(&candidate).ok()
+        });
+        match parsed {
+            Some(k) => keys.push(k),
+            None => errors.push(format!(
+                "{at}: \"{line}\" is not an OpenSSH public key line (expected e.g. \"ssh-ed25519 AAAA...\")"
+            )),
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "15", "s", "1x", "-1s", "1.5s", "99999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_size("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("65536").unwrap(), 65536);
+        for bad in ["", "MiB", "8 TiB", "1.5MiB", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn env_file_syntax() {
+        let vars = parse_env_file(
+            "# comment\n\nSSH_HOST=a.example\nexport SSH_PORT='2222'\nSSH_USER=\"tun nel\"\nSSH_LISTEN_PORT=10123 # note\n",
+        )
+        .unwrap();
+        assert_eq!(vars["SSH_HOST"], "a.example");
+        assert_eq!(vars["SSH_PORT"], "2222");
+        assert_eq!(vars["SSH_USER"], "tun nel");
+        assert_eq!(vars["SSH_LISTEN_PORT"], "10123");
+        let err = parse_env_file("SSH_HOST=a\nnonsense\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn host_key_lines() {
+        let mut errors = Vec::new();
+        let keys = parse_host_keys(
+            &[
+                SECODA_HOST_KEY.to_string(),
+                format!("[tunnel.example]:22 {SECODA_HOST_KEY} comment"),
+                "ssh-ed25519 notbase64".to_string(),
+            ],
+            "test",
+            &mut errors,
+        );
+        assert_eq!(keys.len(), 2);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("notbase64"));
+    }
+}

@@ -1,0 +1,55 @@
+//! Every timeout, limit and backoff figure in one place, so that a reader can see the agent's
+//! timing at a glance and tests can reason about it.
+
+use std::time::Duration;
+
+/// Where the packages put the configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/secoda-agent/agent.toml";
+/// Where the Docker-compatible `KEY=VALUE` file lives; used only when present.
+pub const DEFAULT_ENV_FILE_PATH: &str = "/etc/secoda-agent/agent.env";
+
+/// Secoda's published tunnel host key: the pin when none is configured.
+pub const SECODA_HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBo2+mYwlNTvJXrNCETYHrrHyUGMnWdQO5vEhFVU833o";
+pub const DEFAULT_SSH_PORT: u16 = 22;
+pub const DEFAULT_USER: &str = "tunnel";
+pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0";
+/// Same as the Docker image's `ServerAliveInterval=15` / `ServerAliveCountMax=4`.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub const DEFAULT_KEEPALIVE_MAX: u32 = 4;
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Bytes from the server waiting for a slow target, per channel, before that channel is cut.
+/// Traffic toward a database is mostly small queries, so 8 MiB is generous.
+pub const DEFAULT_MAX_PENDING: u64 = 8 * 1024 * 1024;
+/// How long open channels may drain on stop or when a session is retired.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP connect to the SSH server.
+pub const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// From TCP connect to an authenticated session with the forward in place. A server that
+/// accepts TCP and then says nothing (Secoda's "stuck on the version number") ends here.
+pub const SSH_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A channel must finish its SOCKS request within this time.
+pub const SOCKS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the session is probed with a ping that must come back, to catch a session whose
+/// event loop is wedged (a dead server is already caught by the keepalives).
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Reconnect backoff: full jitter between zero and min(ceiling, initial * 2^attempt).
+pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+pub const BACKOFF_CEILING: Duration = Duration::from_secs(60);
+/// A session that stayed up this long resets the backoff.
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
+/// The same failure is logged at every attempt this many times, then summarised.
+pub const REPEAT_LOG_LIMIT: u32 = 3;
+
+/// SSH flow control. A 16 MiB window per channel keeps a loopback or LAN link full;
+/// 32 KiB packets match OpenSSH's channel packet size.
+pub const SSH_WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;
+/// Read buffer for target -> server copies: one SSH packet's worth at a time.
+pub const SPLICE_BUFFER_SIZE: usize = 32 * 1024;
+/// A config file larger than this is refused before it is parsed.
+pub const MAX_CONFIG_FILE_SIZE: u64 = 1024 * 1024;

@@ -1,0 +1,69 @@
+//! Why a session could not be set up or was lost: one variant per case an operator acts on
+//! differently, each message saying what to check. None of these is fatal: the supervisor
+//! retries them all.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot resolve the tunnel server name {host}: {reason} (check DNS on this host and [tunnel] host)")]
+    Resolve { host: String, reason: String },
+
+    #[error("outbound connection to {server} timed out: an outbound firewall may block it; Secoda can move the tunnel to an allow-listed port")]
+    ConnectTimeout { server: String },
+
+    #[error("outbound connection to {server} ({addr}) failed: {reason} (is the port right, and is outbound traffic to it allowed?)")]
+    Connect {
+        server: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+
+    #[error("connected to {server} but no SSH version line arrived: outbound traffic is probably intercepted or blocked by a firewall or proxy (Secoda's troubleshooting calls this \"stuck on the version number\")")]
+    BannerTimeout { server: String },
+
+    #[error("SSH handshake with {server} failed: {reason}")]
+    Handshake { server: String, reason: String },
+
+    #[error("HOST KEY MISMATCH for {server}: expected {}, the server presented {presented}. This may be a man-in-the-middle attack, or a wrong pin in [tunnel] host_keys / SSH_HOST_KEY; the agent will not connect until they match (retrying at the backoff ceiling)", .expected.join(" or "))]
+    HostKeyMismatch {
+        server: String,
+        expected: Vec<String>,
+        presented: String,
+    },
+
+    #[error("authentication rejected for user {user} with key {fingerprint}: check that this is the key Secoda issued for this tunnel and the user is right ([tunnel] user / SSH_USER)")]
+    AuthRejected { user: String, fingerprint: String },
+
+    #[error("the server refused to listen on {address}:{port}: the port is most likely still held by a previous session that has not timed out on the server yet (or the account may not forward it); retrying")]
+    ForwardRefused { address: String, port: u16 },
+
+    #[error("the server stopped answering keepalives for {window:?}; the connection is dead")]
+    KeepaliveTimeout { window: Duration },
+
+    #[error("the SSH session stopped responding for {window:?}; tearing it down")]
+    Wedged { window: Duration },
+
+    #[error("the SSH session was lost: {reason}")]
+    Lost { reason: String },
+}
+
+impl TunnelError {
+    /// A short stable name for logs and the journal's ERROR_CLASS field.
+    pub fn class(&self) -> &'static str {
+        match self {
+            TunnelError::Resolve { .. } => "resolve",
+            TunnelError::ConnectTimeout { .. } => "connect_timeout",
+            TunnelError::Connect { .. } => "connect",
+            TunnelError::BannerTimeout { .. } => "banner_timeout",
+            TunnelError::Handshake { .. } => "handshake",
+            TunnelError::HostKeyMismatch { .. } => "host_key_mismatch",
+            TunnelError::AuthRejected { .. } => "auth_rejected",
+            TunnelError::ForwardRefused { .. } => "forward_refused",
+            TunnelError::KeepaliveTimeout { .. } => "keepalive_timeout",
+            TunnelError::Wedged { .. } => "wedged",
+            TunnelError::Lost { .. } => "lost",
+        }
+    }
+}

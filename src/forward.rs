@@ -1,0 +1,496 @@
+//! One forwarded channel: read its SOCKS request, check the destination policy, resolve and
+//! connect, answer, then splice bytes both ways with half-close.
+//!
+//! Data from the server reaches a channel through an [`Inbox`] that the SSH session pushes
+//! into without ever waiting (see `tunnel.rs`), so a target that stops reading can only fill
+//! its own channel's buffer; past `max_pending` that channel alone is cut.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use russh::client::Msg;
+use russh::ChannelWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::ForwardConfig;
+use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BUFFER_SIZE};
+use crate::socks::{self, Host, Reply, Request};
+
+/// What the session hands a channel task.
+#[derive(Debug)]
+pub enum Inbound {
+    Data(Bytes),
+    Eof,
+    /// The target fell behind by more than `max_pending` bytes.
+    Overflow(u64),
+}
+
+/// The session's end of a channel's input: pushes never wait.
+pub struct Inbox {
+    tx: mpsc::UnboundedSender<Inbound>,
+    pending: Arc<AtomicU64>,
+    max_pending: u64,
+}
+
+/// The channel task's end.
+pub struct ChannelInput {
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    pending: Arc<AtomicU64>,
+    /// Bytes received but not yet handed on (a partly read chunk during the handshake).
+    leftover: Bytes,
+    eof: bool,
+    overflow: Option<u64>,
+}
+
+pub fn inbox(max_pending: u64) -> (Inbox, ChannelInput) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pending = Arc::new(AtomicU64::new(0));
+    (
+        Inbox {
+            tx,
+            pending: pending.clone(),
+            max_pending,
+        },
+        ChannelInput {
+            rx,
+            pending,
+            leftover: Bytes::new(),
+            eof: false,
+            overflow: None,
+        },
+    )
+}
+
+impl Inbox {
+    /// Queue data for the channel. `false` means drop this inbox: the channel was cut for
+    /// overflow, or its task is gone.
+    pub fn push(&self, data: &[u8]) -> bool {
+        let len = data.len() as u64;
+        let pending = self.pending.fetch_add(len, Ordering::AcqRel) + len;
+        if pending > self.max_pending {
+            let _ = self.tx.send(Inbound::Overflow(pending));
+            return false;
+        }
+        self.tx
+            .send(Inbound::Data(Bytes::copy_from_slice(data)))
+            .is_ok()
+    }
+
+    pub fn eof(&self) {
+        let _ = self.tx.send(Inbound::Eof);
+    }
+}
+
+impl ChannelInput {
+    /// The next chunk from the server; `None` at EOF, on close or overflow.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if !self.leftover.is_empty() {
+            return Some(std::mem::take(&mut self.leftover));
+        }
+        if self.eof || self.overflow.is_some() {
+            return None;
+        }
+        match self.rx.recv().await {
+            Some(Inbound::Data(b)) => Some(b),
+            Some(Inbound::Eof) => {
+                self.eof = true;
+                None
+            }
+            Some(Inbound::Overflow(n)) => {
+                self.overflow = Some(n);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Count bytes as delivered to the target.
+    fn consumed(&self, n: usize) {
+        self.pending.fetch_sub(n as u64, Ordering::AcqRel);
+    }
+
+    /// Wait for the channel to be closed by the server (or cut), ignoring anything else.
+    async fn closed(&mut self) -> Option<u64> {
+        while let Some(m) = self.rx.recv().await {
+            if let Inbound::Overflow(n) = m {
+                return Some(n);
+            }
+        }
+        None
+    }
+}
+
+impl AsyncRead for ChannelInput {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.leftover.is_empty() && !this.eof && this.overflow.is_none() {
+            match this.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Inbound::Data(b))) => this.leftover = b,
+                Poll::Ready(Some(Inbound::Eof)) | Poll::Ready(None) => this.eof = true,
+                Poll::Ready(Some(Inbound::Overflow(n))) => this.overflow = Some(n),
+            }
+        }
+        let n = buf.remaining().min(this.leftover.len());
+        buf.put_slice(&this.leftover[..n]);
+        this.leftover.advance(n);
+        this.consumed(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The handshake sees the channel as one stream: reads from the inbox, writes to the server.
+struct Duplex<'a, W> {
+    input: &'a mut ChannelInput,
+    output: &'a mut W,
+}
+
+impl<W: Unpin> AsyncRead for Duplex<'_, W> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.input).poll_read(cx, buf)
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Duplex<'_, W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.output).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.output).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.output).poll_shutdown(cx)
+    }
+}
+
+/// A count that can be waited on until it reaches zero (open channels, globally or per session).
+#[derive(Default)]
+pub struct Gauge {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+impl Gauge {
+    pub fn get(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    pub async fn wait_zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Holds one unit of each gauge while a channel is open.
+pub struct GaugeGuard(Vec<Arc<Gauge>>);
+
+impl GaugeGuard {
+    pub fn new(gauges: Vec<Arc<Gauge>>) -> Self {
+        for g in &gauges {
+            g.count.fetch_add(1, Ordering::AcqRel);
+        }
+        GaugeGuard(gauges)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        for g in &self.0 {
+            if g.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+                g.zero.notify_waiters();
+            }
+        }
+    }
+}
+
+/// What every channel shares: the live forward settings and the channel count.
+pub struct Forwarder {
+    settings: RwLock<Arc<ForwardConfig>>,
+    pub active: Arc<Gauge>,
+}
+
+impl Forwarder {
+    pub fn new(settings: ForwardConfig) -> Self {
+        Forwarder {
+            settings: RwLock::new(Arc::new(settings)),
+            active: Arc::new(Gauge::default()),
+        }
+    }
+
+    pub fn settings(&self) -> Arc<ForwardConfig> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies to channels opened from now on; open channels keep running untouched.
+    pub fn update(&self, settings: ForwardConfig) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+    }
+}
+
+/// Where a channel came from, for its log lines.
+pub struct Origin {
+    pub originator: String,
+}
+
+/// Run one channel to its end. `guard` is released when the channel is done.
+pub async fn serve_channel(
+    mut input: ChannelInput,
+    channel: ChannelWriteHalf<Msg>,
+    fwd: Arc<Forwarder>,
+    guard: GaugeGuard,
+    origin: Origin,
+) {
+    let settings = fwd.settings();
+    let mut writer = channel.make_writer();
+    let started = Instant::now();
+    let over_limit = fwd.active.get() > settings.max_connections;
+
+    let request = {
+        let mut stream = Duplex {
+            input: &mut input,
+            output: &mut writer,
+        };
+        match tokio::time::timeout(SOCKS_HANDSHAKE_TIMEOUT, socks::read_request(&mut stream)).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                log::info!(originator = origin.originator.as_str(), error_class = "socks"; "channel from {} closed: {e}", origin.originator);
+                let _ = channel.close().await;
+                return;
+            }
+            Err(_) => {
+                log::info!(originator = origin.originator.as_str(), error_class = "socks_timeout"; "channel from {} closed: no complete SOCKS request within {SOCKS_HANDSHAKE_TIMEOUT:?}", origin.originator);
+                let _ = channel.close().await;
+                return;
+            }
+        }
+    };
+    let target = format!("{}:{}", request.host, request.port);
+
+    let connected = if over_limit {
+        Err((
+            Reply::GeneralFailure,
+            format!(
+                "refused: {} channels are open, [forward] max_connections is {}",
+                fwd.active.get() - 1,
+                settings.max_connections
+            ),
+        ))
+    } else {
+        connect_target(&request, &settings).await
+    };
+    let stream = match connected {
+        Ok(s) => s,
+        Err((reply, why)) => {
+            log::warn!(target_addr = target.as_str(), target = target.as_str(), error_class = reply_class(reply); "connection to {target} failed: {why}");
+            let _ = socks::write_reply(&mut writer, request.version, reply, None).await;
+            let _ = channel.close().await;
+            return;
+        }
+    };
+    let bound = stream.local_addr().ok();
+    if socks::write_reply(&mut writer, request.version, Reply::Succeeded, bound)
+        .await
+        .is_err()
+    {
+        let _ = channel.close().await;
+        return;
+    }
+    log::debug!(target = target.as_str(); "channel open to {target}");
+
+    let outcome = splice(&mut input, stream, &mut writer).await;
+    let _ = channel.close().await;
+    drop(guard);
+    let secs = started.elapsed().as_secs_f64();
+    let (up, down) = (outcome.to_target, outcome.from_target);
+    match outcome.end {
+        End::Normal => log::info!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs;
+            "channel to {target} closed after {secs:.1}s: {up} bytes to target, {down} bytes from target"),
+        End::Overflow(pending) => log::warn!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "overflow";
+            "channel to {target} cut: the target fell {pending} bytes behind the server ([forward] max_pending is {}); other channels are unaffected", settings.max_pending),
+        End::Error(e) => log::info!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "io";
+            "channel to {target} ended after {secs:.1}s: {e} ({up} bytes to target, {down} bytes from target)"),
+    }
+}
+
+fn reply_class(r: Reply) -> &'static str {
+    match r {
+        Reply::NotAllowed => "denied",
+        Reply::ConnectionRefused => "refused",
+        Reply::TtlExpired => "timeout",
+        Reply::HostUnreachable => "host_unreachable",
+        Reply::NetworkUnreachable => "network_unreachable",
+        _ => "failed",
+    }
+}
+
+/// Resolve (on this host, with the system resolver), apply the policy to each address, and
+/// connect to the first that answers, all within `connect_timeout`.
+async fn connect_target(
+    req: &Request,
+    settings: &ForwardConfig,
+) -> Result<TcpStream, (Reply, String)> {
+    let attempt = async {
+        let (name, addrs): (Option<&str>, Vec<SocketAddr>) = match &req.host {
+            Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, req.port)]),
+            Host::Name(n) => {
+                let addrs = tokio::net::lookup_host((n.as_str(), req.port))
+                    .await
+                    .map_err(|e| {
+                        (
+                            Reply::HostUnreachable,
+                            format!("name {n} not resolved: {e}"),
+                        )
+                    })?;
+                (Some(n.as_str()), addrs.collect())
+            }
+        };
+        let mut last = (
+            Reply::HostUnreachable,
+            "the name has no addresses".to_string(),
+        );
+        for addr in addrs {
+            if let Err(denial) = settings.policy.check(name, addr.ip(), addr.port()) {
+                last = (Reply::NotAllowed, format!("{addr} {denial}"));
+                continue;
+            }
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Err(e) => last = (io_reply(&e), format!("{addr}: {e}")),
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(settings.connect_timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            Reply::TtlExpired,
+            format!(
+                "timed out after {:?} ([forward] connect_timeout)",
+                settings.connect_timeout
+            ),
+        )),
+    }
+}
+
+fn io_reply(e: &io::Error) -> Reply {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Reply::ConnectionRefused,
+        io::ErrorKind::NetworkUnreachable => Reply::NetworkUnreachable,
+        io::ErrorKind::HostUnreachable => Reply::HostUnreachable,
+        io::ErrorKind::TimedOut => Reply::TtlExpired,
+        _ => Reply::GeneralFailure,
+    }
+}
+
+enum End {
+    Normal,
+    Overflow(u64),
+    Error(io::Error),
+}
+
+struct Outcome {
+    to_target: u64,
+    from_target: u64,
+    end: End,
+}
+
+/// Copy both ways until both sides are done. EOF in one direction is passed on as a
+/// half-close and the other direction keeps flowing. A close from the server, an overflow,
+/// or an error on either side ends both.
+async fn splice<W: AsyncWrite + Unpin>(
+    input: &mut ChannelInput,
+    target: TcpStream,
+    writer: &mut W,
+) -> Outcome {
+    let (mut tr, mut tw) = target.into_split();
+    let to_target = AtomicU64::new(0);
+    let from_target = AtomicU64::new(0);
+    let server_eof = AtomicBool::new(false);
+
+    let end = {
+        // Server -> target. After the server's EOF it keeps watching the inbox, so that a
+        // close from the server is seen even while the other direction is still busy.
+        let up = async {
+            while let Some(chunk) = input.next_chunk().await {
+                tw.write_all(&chunk).await?;
+                input.consumed(chunk.len());
+                to_target.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            if input.eof {
+                server_eof.store(true, Ordering::Relaxed);
+                tw.shutdown().await?;
+                if let Some(n) = input.closed().await {
+                    input.overflow = Some(n);
+                }
+            }
+            Ok::<(), io::Error>(())
+        };
+        // Target -> server, then our EOF.
+        let down = async {
+            let mut buf = vec![0u8; SPLICE_BUFFER_SIZE];
+            loop {
+                let n = tr.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                writer.write_all(&buf[..n]).await?;
+                from_target.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            writer.shutdown().await
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            r = &mut up => r.err(),
+            r = &mut down => match r {
+                Ok(()) if server_eof.load(Ordering::Relaxed) => None,
+                Ok(()) => up.await.err(),
+                Err(e) => Some(e),
+            },
+        }
+    };
+    let end = match (input.overflow, end) {
+        (Some(n), _) => End::Overflow(n),
+        (None, Some(e)) => End::Error(e),
+        (None, None) => End::Normal,
+    };
+    Outcome {
+        to_target: to_target.into_inner(),
+        from_target: from_target.into_inner(),
+        end,
+    }
+}

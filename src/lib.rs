@@ -1,0 +1,24 @@
+//! secoda-agent: keeps a reverse SSH tunnel open to Secoda and serves the SOCKS requests that
+//! arrive through it, so Secoda can reach private databases with no inbound port opened.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod constants;
+pub mod error;
+pub mod forward;
+pub mod logging;
+pub mod policy;
+pub mod socks;
+pub mod supervisor;
+pub mod systemd;
+pub mod tunnel;
+
+/// Exit codes (sysexits.h where one fits): the unit uses `RestartPreventExitStatus=78`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 64;
+    pub const CONFIG: u8 = 78;
+}

@@ -1,0 +1,325 @@
+//! Destination policy: where the server may send us. The agent sits inside the customer's
+//! network and takes instructions from the internet, so it decides, after DNS, on the address
+//! it is about to connect to (a name cannot smuggle a denied address).
+
+use std::fmt;
+use std::net::IpAddr;
+
+/// One `allow`/`deny` entry: a network or a host name pattern, optionally limited to ports.
+#[derive(Debug, Clone, PartialEq)]
+struct Rule {
+    target: Target,
+    ports: Option<(u16, u16)>,
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Target {
+    Net {
+        addr: IpAddr,
+        prefix: u8,
+    },
+    /// Lowercase; a leading `*.` matches any subdomain (not the bare domain).
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    allow: Vec<Rule>,
+    deny: Vec<Rule>,
+}
+
+/// Why a destination was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Denial {
+    DeniedBy(String),
+    NotAllowed,
+    LinkLocal,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denial::DeniedBy(rule) => write!(f, "denied by [forward] deny entry \"{rule}\""),
+            Denial::NotAllowed => write!(f, "not in [forward] allow"),
+            Denial::LinkLocal => write!(
+                f,
+                "link-local addresses (cloud metadata services) are denied unless [forward] allow names them"
+            ),
+        }
+    }
+}
+
+impl Policy {
+    /// Parse both lists; errors come back as (key, message) pairs.
+    pub fn parse(allow: &[String], deny: &[String]) -> Result<Policy, Vec<(&'static str, String)>> {
+        let mut errors = Vec::new();
+        let mut parse_all = |key: &'static str, list: &[String]| -> Vec<Rule> {
+            list.iter()
+                .filter_map(|e| match Rule::parse(e) {
+                    Ok(r) => Some(r),
+                    Err(msg) => {
+                        errors.push((key, format!("\"{e}\": {msg}")));
+                        None
+                    }
+                })
+                .collect()
+        };
+        let allow = parse_all("allow", allow);
+        let deny = parse_all("deny", deny);
+        if errors.is_empty() {
+            Ok(Policy { allow, deny })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Decide for a connection to `ip:port`, asked for as `name` (None when the request
+    /// carried an address).
+    pub fn check(&self, name: Option<&str>, ip: IpAddr, port: u16) -> Result<(), Denial> {
+        let ip = ip.to_canonical();
+        let name = name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+        let hit = |r: &&Rule| r.matches(name.as_deref(), ip, port);
+        if let Some(rule) = self.deny.iter().find(hit) {
+            return Err(Denial::DeniedBy(rule.text.clone()));
+        }
+        let allowed = self.allow.iter().any(|r| hit(&r));
+        if is_link_local(ip) && !allowed {
+            return Err(Denial::LinkLocal);
+        }
+        if self.allow.is_empty() || allowed {
+            Ok(())
+        } else {
+            Err(Denial::NotAllowed)
+        }
+    }
+
+    /// The host names that `allow` names literally (no wildcard), for diagnostics.
+    pub fn is_default(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |rules: &[Rule]| {
+            rules
+                .iter()
+                .map(|r| r.text.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if self.allow.is_empty() {
+            write!(f, "allow everything")?;
+        } else {
+            write!(f, "allow only {}", list(&self.allow))?;
+        }
+        if !self.deny.is_empty() {
+            write!(f, "; deny {}", list(&self.deny))?;
+        }
+        write!(f, "; link-local denied unless allowed")
+    }
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+impl Rule {
+    fn parse(text: &str) -> Result<Rule, String> {
+        let s = text.trim();
+        if s.is_empty() {
+            return Err("empty entry".into());
+        }
+        // Split off the port part: "[v6]:p", "net/len:p", "name:p"; a bare IPv6 has no port.
+        let (host, ports) = if let Some(rest) = s.strip_prefix('[') {
+            let (inner, after) = rest.split_once(']').ok_or("missing ']'")?;
+            let ports = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or("expected ':' after ']'")?),
+            };
+            (inner, ports)
+        } else if s.parse::<IpAddr>().is_ok() {
+            (s, None)
+        } else if let Some((net, len_port)) = s.split_once('/') {
+            match len_port.split_once(':') {
+                Some((len, p)) => (&s[..net.len() + 1 + len.len()], Some(p)),
+                None => (s, None),
+            }
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            }
+        };
+        let ports = ports.map(parse_ports).transpose()?;
+        let target = if let Some((addr, len)) = host.split_once('/') {
+            let addr: IpAddr = addr
+                .parse()
+                .map_err(|_| format!("\"{addr}\" is not an IP address"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix: u8 = len
+                .parse()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("\"/{len}\" is not a prefix length (0 to {max})"))?;
+            Target::Net {
+                addr: addr.to_canonical(),
+                prefix,
+            }
+        } else if let Ok(addr) = host.parse::<IpAddr>() {
+            let addr = addr.to_canonical();
+            Target::Net {
+                addr,
+                prefix: if addr.is_ipv4() { 32 } else { 128 },
+            }
+        } else {
+            let name = host.to_ascii_lowercase();
+            let body = name.strip_prefix("*.").unwrap_or(&name);
+            let valid = !body.is_empty()
+                && body.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                });
+            if !valid {
+                return Err("expected a CIDR (10.0.0.0/8), an address, or a host name (db.internal, *.db.internal), optionally with :port or :port-port".into());
+            }
+            Target::Name(name)
+        };
+        Ok(Rule {
+            target,
+            ports,
+            text: s.to_string(),
+        })
+    }
+
+    fn matches(&self, name: Option<&str>, ip: IpAddr, port: u16) -> bool {
+        if let Some((lo, hi)) = self.ports {
+            if port < lo || port > hi {
+                return false;
+            }
+        }
+        match &self.target {
+            Target::Net { addr, prefix } => in_net(ip, *addr, *prefix),
+            Target::Name(pattern) => match (name, pattern.strip_prefix("*.")) {
+                (Some(n), Some(suffix)) => {
+                    n.len() > suffix.len() && n.ends_with(&format!(".{suffix}"))
+                }
+                (Some(n), None) => n == pattern,
+                (None, _) => false,
+            },
+        }
+    }
+}
+
+fn parse_ports(p: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("\"{p}\" is not a port or port range (5432, 5432-5439)");
+    let (lo, hi) = match p.split_once('-') {
+        Some((a, b)) => (a.parse::<u16>(), b.parse::<u16>()),
+        None => (p.parse::<u16>(), p.parse::<u16>()),
+    };
+    match (lo, hi) {
+        (Ok(lo), Ok(hi)) if lo <= hi && lo > 0 => Ok((lo, hi)),
+        _ => Err(bad()),
+    }
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(allow: &[&str], deny: &[&str]) -> Policy {
+        let s = |l: &[&str]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        Policy::parse(&s(allow), &s(deny)).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn default_allows_all_but_link_local() {
+        let pol = Policy::default();
+        assert_eq!(pol.check(None, ip("10.1.2.3"), 5432), Ok(()));
+        assert_eq!(
+            pol.check(None, ip("169.254.169.254"), 80),
+            Err(Denial::LinkLocal)
+        );
+        assert_eq!(
+            pol.check(Some("x"), ip("fe80::1"), 80),
+            Err(Denial::LinkLocal)
+        );
+        assert_eq!(
+            pol.check(None, ip("::ffff:169.254.1.1"), 80),
+            Err(Denial::LinkLocal)
+        );
+    }
+
+    #[test]
+    fn allow_list_with_ports_and_names() {
+        let pol = p(
+            &[
+                "10.0.0.0/8:5432",
+                "*.db.internal",
+                "[fd00::1]:443",
+                "169.254.169.254",
+            ],
+            &[],
+        );
+        assert_eq!(pol.check(None, ip("10.9.9.9"), 5432), Ok(()));
+        assert_eq!(pol.check(None, ip("10.9.9.9"), 22), Err(Denial::NotAllowed));
+        assert_eq!(
+            pol.check(Some("a.db.internal"), ip("192.168.1.1"), 1),
+            Ok(())
+        );
+        assert_eq!(
+            pol.check(Some("db.internal"), ip("192.168.1.1"), 1),
+            Err(Denial::NotAllowed)
+        );
+        assert_eq!(pol.check(None, ip("fd00::1"), 443), Ok(()));
+        assert_eq!(pol.check(None, ip("169.254.169.254"), 80), Ok(()));
+    }
+
+    #[test]
+    fn deny_wins_and_checks_the_resolved_address() {
+        let pol = p(&["*.corp"], &["10.0.0.0/8", "secret.corp:1-1024"]);
+        // The name is allowed, but it resolves into a denied network.
+        assert!(matches!(
+            pol.check(Some("db.corp"), ip("10.0.0.5"), 5432),
+            Err(Denial::DeniedBy(_))
+        ));
+        assert!(pol
+            .check(Some("secret.corp"), ip("192.168.0.2"), 22)
+            .is_err());
+        assert_eq!(
+            pol.check(Some("secret.corp"), ip("192.168.0.2"), 5432),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn bad_entries_are_reported() {
+        let s = |l: &[&str]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let errs =
+            Policy::parse(&s(&["10.0.0.0/33", "db:0", "bad host"]), &s(&["[::1"])).unwrap_err();
+        assert_eq!(errs.len(), 4, "{errs:?}");
+    }
+}

@@ -1,0 +1,319 @@
+//! The agent's main loop: keep one session up, reconnect with backoff, apply reloads, and stop
+//! gracefully. Signals reach it as [`Control`] messages, so tests can drive it directly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::backoff::Backoff;
+use crate::config::{self, Config, Sources};
+use crate::constants::{BACKOFF_RESET_AFTER, REPEAT_LOG_LIMIT};
+use crate::error::TunnelError;
+use crate::forward::Forwarder;
+use crate::tunnel::{self, Session};
+use crate::{logging, systemd};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// SIGHUP: re-read the configuration.
+    Reload,
+    /// SIGTERM/SIGINT: stop; a second one stops at once.
+    Shutdown,
+}
+
+/// What `run` needs besides the configuration.
+pub struct Options {
+    /// Where to re-read the configuration from on reload.
+    pub sources: Sources,
+    /// `--log-level`, which wins over `[log] level` across reloads.
+    pub log_level: Option<log::LevelFilter>,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Supervisor {
+    cfg: Config,
+    opts: Options,
+    fwd: Arc<Forwarder>,
+    control: mpsc::UnboundedReceiver<Control>,
+    backoff: Backoff,
+    failures: FailureLog,
+    session: Option<Session>,
+    last_status: String,
+}
+
+/// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
+pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Control>) {
+    let mut sup = Supervisor {
+        fwd: Arc::new(Forwarder::new(cfg.forward.clone())),
+        cfg,
+        opts,
+        control,
+        backoff: Backoff::default(),
+        failures: FailureLog::default(),
+        session: None,
+        last_status: String::new(),
+    };
+    sup.main_loop().await;
+}
+
+impl Supervisor {
+    async fn main_loop(&mut self) {
+        loop {
+            let flow = match self.session.is_some() {
+                false => self.connect().await,
+                true => self.watch().await,
+            };
+            if let Flow::Stop = flow {
+                return;
+            }
+        }
+    }
+
+    /// One attempt to bring the tunnel up, and the wait after a failure.
+    async fn connect(&mut self) -> Flow {
+        let t = &self.cfg.tunnel;
+        self.set_status(format!("connecting to {}:{}", t.host, t.port));
+        let attempt = tunnel::establish(&self.cfg.tunnel, self.fwd.clone());
+        let result = tokio::select! {
+            r = attempt => r,
+            c = self.control.recv() => return self.on_control(c).await,
+        };
+        match result {
+            Ok(session) => {
+                self.failures.recovered();
+                let (addr, port) = &session.listen;
+                log::info!(
+                    tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
+                    "tunnel up: connected to {} as {}, the server listens on {addr}:{port}", session.server, self.cfg.tunnel.user);
+                self.session = Some(session);
+                let status = self.connected_status();
+                self.last_status = status.clone();
+                systemd::ready(&status);
+                Flow::Continue
+            }
+            Err(e) => {
+                let delay = match e {
+                    TunnelError::HostKeyMismatch { .. } => self.backoff.ceiling_delay(),
+                    _ => self.backoff.next_delay(),
+                };
+                self.failures.report(&e, delay, &self.cfg);
+                self.set_status(format!(
+                    "reconnecting in {}s: {e}",
+                    delay.as_secs_f64().ceil()
+                ));
+                self.pause(delay).await
+            }
+        }
+    }
+
+    /// While the tunnel is up: wait for it to end or for a signal, keeping STATUS current.
+    async fn watch(&mut self) -> Flow {
+        let Some(session) = self.session.as_mut() else {
+            return Flow::Continue;
+        };
+        let mut refresh = tokio::time::interval(Duration::from_secs(2));
+        let lost = loop {
+            tokio::select! {
+                e = session.closed() => break e,
+                c = self.control.recv() => return self.on_control(c).await,
+                _ = refresh.tick() => {
+                    let status = connected_status(&self.cfg, session);
+                    if status != self.last_status {
+                        systemd::status(&status);
+                        self.last_status = status;
+                    }
+                }
+            }
+        };
+        let lived = session.since.elapsed();
+        self.session = None;
+        if lived >= BACKOFF_RESET_AFTER {
+            self.backoff.reset();
+        }
+        let delay = self.backoff.next_delay();
+        log::warn!(
+            tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, error_class = lost.class();
+            "tunnel lost after {}s: {lost}; reconnecting in {:.1}s", lived.as_secs(), delay.as_secs_f64());
+        self.set_status(format!(
+            "reconnecting in {}s: {lost}",
+            delay.as_secs_f64().ceil()
+        ));
+        self.pause(delay).await
+    }
+
+    /// Sleep before the next attempt, still answering signals.
+    async fn pause(&mut self, delay: Duration) -> Flow {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Flow::Continue,
+            c = self.control.recv() => self.on_control(c).await,
+        }
+    }
+
+    async fn on_control(&mut self, c: Option<Control>) -> Flow {
+        match c {
+            Some(Control::Reload) => {
+                self.reload().await;
+                Flow::Continue
+            }
+            Some(Control::Shutdown) | None => {
+                self.shutdown().await;
+                Flow::Stop
+            }
+        }
+    }
+
+    async fn reload(&mut self) {
+        systemd::reloading();
+        log::info!("reloading configuration");
+        let new = match config::load(&self.opts.sources) {
+            Ok(c) => c,
+            Err(e) => {
+                for err in &e.errors {
+                    log::error!(error_class = "config"; "config reload failed: {err}");
+                }
+                let first = e
+                    .errors
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or("invalid configuration");
+                let status =
+                    format!("config reload failed: {first}; running with the previous config");
+                self.last_status = status.clone();
+                systemd::ready(&status);
+                return;
+            }
+        };
+        for w in &new.warnings {
+            log::warn!("{w}");
+        }
+        logging::set_level(self.opts.log_level.unwrap_or(new.log.level));
+        self.fwd.update(new.forward.clone());
+        let tunnel_changed = new.tunnel != self.cfg.tunnel;
+        self.cfg = new;
+        if tunnel_changed {
+            log::info!("tunnel settings changed: opening a new session; open channels of the old one may finish");
+            if let Some(old) = self.session.take() {
+                // The old session gives the listen port back first, so the new one can take it.
+                old.stop_accepting().await;
+                let timeout = self.cfg.forward.shutdown_timeout;
+                tokio::spawn(async move {
+                    let cut = old.retire(timeout).await;
+                    if cut > 0 {
+                        log::warn!("old session retired: {cut} channels were still open after {timeout:?} and were cut");
+                    }
+                });
+            }
+            self.backoff.reset();
+            // READY=1 follows once the new session is up (see `connect`).
+        } else {
+            log::info!("configuration reloaded; forward settings apply to new channels, open channels are untouched");
+            let status = match &self.session {
+                Some(s) => connected_status(&self.cfg, s),
+                None => self.last_status.clone(),
+            };
+            systemd::ready(&status);
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        systemd::stopping();
+        let Some(session) = self.session.take() else {
+            log::info!("stopping");
+            return;
+        };
+        let timeout = self.cfg.forward.shutdown_timeout;
+        let open = session.open_channels();
+        log::info!("stopping: no new channels; waiting up to {timeout:?} for {open} open channels");
+        tokio::select! {
+            cut = session.retire(timeout) => {
+                if cut > 0 {
+                    log::warn!("stopped with {cut} channels still open after {timeout:?}");
+                } else {
+                    log::info!("stopped cleanly");
+                }
+            }
+            _ = self.control.recv() => log::warn!("second stop signal: exiting at once"),
+        }
+    }
+
+    fn connected_status(&self) -> String {
+        match &self.session {
+            Some(s) => connected_status(&self.cfg, s),
+            None => String::new(),
+        }
+    }
+
+    fn set_status(&mut self, status: String) {
+        if status != self.last_status {
+            systemd::status(&status);
+            self.last_status = status;
+        }
+    }
+}
+
+fn connected_status(cfg: &Config, s: &Session) -> String {
+    let (addr, port) = &s.listen;
+    let n = s.open_channels();
+    format!(
+        "connected to {}:{}, listening on {addr}:{port}, {n} active connection{}",
+        cfg.tunnel.host,
+        cfg.tunnel.port,
+        if n == 1 { "" } else { "s" }
+    )
+}
+
+/// Logs a failure at every attempt for the first few, then only a periodic summary, so a
+/// tunnel that is down for a day does not flood the journal with the same line.
+#[derive(Default)]
+struct FailureLog {
+    last: Option<(String, u32, Instant)>,
+}
+
+impl FailureLog {
+    fn report(&mut self, e: &TunnelError, delay: Duration, cfg: &Config) {
+        let text = e.to_string();
+        let count = match &mut self.last {
+            Some((last, n, _)) if *last == text => {
+                *n += 1;
+                *n
+            }
+            _ => {
+                self.last = Some((text.clone(), 1, Instant::now()));
+                1
+            }
+        };
+        let since = self
+            .last
+            .as_ref()
+            .map(|l| l.2.elapsed().as_secs())
+            .unwrap_or(0);
+        let t = &cfg.tunnel;
+        if count <= REPEAT_LOG_LIMIT {
+            log::error!(
+                tunnel_host = t.host.as_str(), tunnel_port = t.port, listen_port = t.listen_port, error_class = e.class();
+                "{text}; retrying in {:.1}s", delay.as_secs_f64());
+        } else if count.is_power_of_two() {
+            log::error!(
+                tunnel_host = t.host.as_str(), tunnel_port = t.port, listen_port = t.listen_port, error_class = e.class();
+                "still failing after {count} attempts over {since}s: {text}; retrying in {:.1}s (repeats are logged at debug level)", delay.as_secs_f64());
+        } else {
+            log::debug!("attempt {count}: {text}");
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some((_, n, since)) = self.last.take() {
+            if n > 1 {
+                log::info!(
+                    "recovered after {n} failed attempts over {}s",
+                    since.elapsed().as_secs()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! One SSH session: connect out, pin the host key, authenticate, ask for the dynamic remote
+//! forward, and hand each forwarded channel to `forward.rs`.
+//!
+//! Head-of-line blocking: russh pushes incoming channel data into a bounded per-channel queue
+//! with an awaited send, so a channel whose reader stalls freezes the whole session. We never
+//! read those queues: each channel's read half is dropped at once (a send to a dropped queue
+//! fails immediately instead of waiting), and data arrives through the handler's `data`
+//! callback, which queues it in the channel's own [`Inbox`] without waiting.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use russh::client::{self, Handle, Msg};
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::{cipher, Channel, ChannelId, Preferred};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::TunnelConfig;
+use crate::constants::*;
+use crate::error::TunnelError;
+use crate::forward::{self, Forwarder, Gauge, GaugeGuard, Inbox, Origin};
+
+/// Handler errors: russh's own, or our verdict on the host key.
+#[derive(Debug)]
+pub enum HandlerError {
+    Ssh(russh::Error),
+    HostKeyMismatch { presented: String },
+}
+
+impl From<russh::Error> for HandlerError {
+    fn from(e: russh::Error) -> Self {
+        HandlerError::Ssh(e)
+    }
+}
+
+struct Client {
+    pins: Vec<PublicKey>,
+    fwd: Arc<Forwarder>,
+    /// Channels of this session, so a retired session can drain on its own.
+    channels: Arc<Gauge>,
+    accepting: Arc<AtomicBool>,
+    inboxes: HashMap<ChannelId, Inbox>,
+}
+
+impl client::Handler for Client {
+    type Error = HandlerError;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let presented = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            PublicKeyOrCertificate::Certificate(cert) => {
+                // Pin the CA-less way: the certificate's own key must be pinned.
+                return match PublicKey::new(cert.public_key().clone(), "") {
+                    k if self.pins.iter().any(|p| p.key_data() == k.key_data()) => Ok(true),
+                    k => Err(HandlerError::HostKeyMismatch {
+                        presented: fingerprint(&k),
+                    }),
+                };
+            }
+        };
+        if self
+            .pins
+            .iter()
+            .any(|p| p.key_data() == presented.key_data())
+        {
+            Ok(true)
+        } else {
+            Err(HandlerError::HostKeyMismatch {
+                presented: fingerprint(presented),
+            })
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if !self.accepting.load(Ordering::Acquire) {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        reply.accept().await;
+        let id = channel.id();
+        let (read_half, write_half) = channel.split();
+        drop(read_half); // see the module comment
+        let settings = self.fwd.settings();
+        let (inbox, input) = forward::inbox(settings.max_pending);
+        self.inboxes.insert(id, inbox);
+        let guard = GaugeGuard::new(vec![self.fwd.active.clone(), self.channels.clone()]);
+        let origin = Origin {
+            originator: format!("{originator_address}:{originator_port}"),
+        };
+        tokio::spawn(forward::serve_channel(
+            input,
+            write_half,
+            self.fwd.clone(),
+            guard,
+            origin,
+        ));
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(inbox) = self.inboxes.get(&channel) {
+            if !inbox.push(data) {
+                self.inboxes.remove(&channel);
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(inbox) = self.inboxes.get(&channel) {
+            inbox.eof();
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.inboxes.remove(&channel);
+        Ok(())
+    }
+}
+
+pub fn fingerprint(key: &PublicKey) -> String {
+    format!(
+        "{} {}",
+        key.algorithm().as_str(),
+        key.fingerprint(HashAlg::Sha256)
+    )
+}
+
+/// The SSH transport: a TCP stream that remembers whether the server ever sent a byte, so a
+/// silent server ("stuck on the version number") can be told apart from a slow handshake.
+struct Transport {
+    tcp: TcpStream,
+    heard: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, b)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// An established session with the remote forward in place.
+pub struct Session {
+    handle: Handle<Client>,
+    accepting: Arc<AtomicBool>,
+    channels: Arc<Gauge>,
+    pub listen: (String, u16),
+    pub server: String,
+    pub since: Instant,
+    keepalive_window: Duration,
+    finished: bool,
+}
+
+fn ssh_config(t: &TunnelConfig) -> client::Config {
+    client::Config {
+        // russh's own keepalive: ping when the server has been quiet for this long, give up
+        // after keepalive_max unanswered (OpenSSH's ServerAliveInterval/CountMax).
+        keepalive_interval: Some(t.keepalive_interval),
+        keepalive_max: t.keepalive_max as usize,
+        window_size: SSH_WINDOW_SIZE,
+        maximum_packet_size: SSH_MAX_PACKET_SIZE,
+        nodelay: true,
+        preferred: Preferred {
+            // AES-GCM first: with AES-NI it is about twice as fast as chacha20-poly1305.
+            cipher: std::borrow::Cow::Borrowed(&[
+                cipher::AES_256_GCM,
+                cipher::AES_128_GCM,
+                cipher::CHACHA20_POLY1305,
+                cipher::AES_256_CTR,
+                cipher::AES_128_CTR,
+            ]),
+            ..Preferred::default()
+        },
+        ..client::Config::default()
+    }
+}
+
+/// Connect, authenticate and request the forward. Every failure is classified.
+pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
+    let server = format!("{}:{}", t.host, t.port);
+    let addrs: Vec<_> = match tokio::time::timeout(
+        SSH_CONNECT_TIMEOUT,
+        tokio::net::lookup_host((t.host.as_str(), t.port)),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(e)) => {
+            return Err(TunnelError::Resolve {
+                host: t.host.clone(),
+                reason: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(TunnelError::Resolve {
+                host: t.host.clone(),
+                reason: "the resolver did not answer".into(),
+            })
+        }
+    };
+    let mut last = TunnelError::Resolve {
+        host: t.host.clone(),
+        reason: "no addresses".into(),
+    };
+    let mut tcp = None;
+    for addr in addrs {
+        match tokio::time::timeout(SSH_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                tcp = Some(s);
+                break;
+            }
+            Ok(Err(e)) => {
+                last = TunnelError::Connect {
+                    server: server.clone(),
+                    addr,
+                    reason: e.to_string(),
+                }
+            }
+            Err(_) => {
+                last = TunnelError::ConnectTimeout {
+                    server: server.clone(),
+                }
+            }
+        }
+    }
+    let tcp = tcp.ok_or(last)?;
+    tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
+        server: server.clone(),
+        addr: tcp.peer_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+        reason: e.to_string(),
+    })?;
+
+    let heard = Arc::new(AtomicBool::new(false));
+    let accepting = Arc::new(AtomicBool::new(true));
+    let channels = Arc::new(Gauge::default());
+    let handler = Client {
+        pins: t.host_keys.clone(),
+        fwd,
+        channels: channels.clone(),
+        accepting: accepting.clone(),
+        inboxes: HashMap::new(),
+    };
+    let transport = Transport {
+        tcp,
+        heard: heard.clone(),
+    };
+    let handshake = async {
+        let mut handle = client::connect_stream(Arc::new(ssh_config(t)), transport, handler)
+            .await
+            .map_err(|e| match e {
+                HandlerError::HostKeyMismatch { presented } => TunnelError::HostKeyMismatch {
+                    server: server.clone(),
+                    expected: t.host_keys.iter().map(fingerprint).collect(),
+                    presented,
+                },
+                HandlerError::Ssh(e) => TunnelError::Handshake {
+                    server: server.clone(),
+                    reason: e.to_string(),
+                },
+            })?;
+        authenticate(&mut handle, t).await?;
+        match handle
+            .tcpip_forward(t.listen_address.clone(), u32::from(t.listen_port))
+            .await
+        {
+            Ok(_) => Ok(handle),
+            Err(russh::Error::RequestDenied) => Err(TunnelError::ForwardRefused {
+                address: t.listen_address.clone(),
+                port: t.listen_port,
+            }),
+            Err(e) => Err(TunnelError::Lost {
+                reason: e.to_string(),
+            }),
+        }
+    };
+    let handle = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(r) => r?,
+        Err(_) if !heard.load(Ordering::Relaxed) => {
+            return Err(TunnelError::BannerTimeout { server })
+        }
+        Err(_) => {
+            return Err(TunnelError::Handshake {
+                server,
+                reason: format!("no progress within {SSH_HANDSHAKE_TIMEOUT:?}"),
+            })
+        }
+    };
+    Ok(Session {
+        handle,
+        accepting,
+        channels,
+        listen: (t.listen_address.clone(), t.listen_port),
+        server,
+        since: Instant::now(),
+        keepalive_window: t.keepalive_interval * t.keepalive_max.max(1),
+        finished: false,
+    })
+}
+
+async fn authenticate(handle: &mut Handle<Client>, t: &TunnelConfig) -> Result<(), TunnelError> {
+    let key = t.key.key();
+    let hash = if key.algorithm().is_rsa() {
+        // OpenSSH 8.8+ refuses SHA-1 signatures; default to SHA-512 if the server is silent.
+        match handle.best_supported_rsa_hash().await {
+            Ok(Some(Some(h))) => Some(h),
+            _ => Some(HashAlg::Sha512),
+        }
+    } else {
+        None
+    };
+    let result = handle
+        .authenticate_publickey(t.user.clone(), PrivateKeyWithHashAlg::new(key, hash))
+        .await
+        .map_err(|e| TunnelError::Lost {
+            reason: e.to_string(),
+        })?;
+    if result.success() {
+        Ok(())
+    } else {
+        Err(TunnelError::AuthRejected {
+            user: t.user.clone(),
+            fingerprint: t.key.fingerprint(),
+        })
+    }
+}
+
+impl Session {
+    pub fn open_channels(&self) -> usize {
+        self.channels.get()
+    }
+
+    /// Resolves when the session is over: closed by the server, dead keepalives, or wedged.
+    pub async fn closed(&mut self) -> TunnelError {
+        if self.finished {
+            return TunnelError::Lost {
+                reason: "session already closed".into(),
+            };
+        }
+        let mut probe = tokio::time::interval(LIVENESS_INTERVAL);
+        probe.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut self.handle => {
+                    self.finished = true;
+                    return match r {
+                        Ok(()) => TunnelError::Lost { reason: "the server closed the connection".into() },
+                        Err(HandlerError::Ssh(russh::Error::KeepaliveTimeout)) => TunnelError::KeepaliveTimeout { window: self.keepalive_window },
+                        Err(HandlerError::Ssh(e)) => TunnelError::Lost { reason: e.to_string() },
+                        Err(HandlerError::HostKeyMismatch { presented }) => TunnelError::Lost { reason: format!("host key changed during the session to {presented}") },
+                    };
+                }
+                _ = probe.tick() => {
+                    // A ping that must come back: if the session loop itself is stuck, the
+                    // keepalives cannot catch it, this does.
+                    let window = self.keepalive_window + LIVENESS_INTERVAL;
+                    if tokio::time::timeout(window, self.handle.send_ping()).await.is_err() {
+                        self.finished = true;
+                        return TunnelError::Wedged { window };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop taking new channels and give the listen port back to the server.
+    pub async fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+        let (addr, port) = &self.listen;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.handle
+                .cancel_tcpip_forward(addr.clone(), u32::from(*port)),
+        )
+        .await;
+    }
+
+    /// Let open channels finish (up to `timeout`), then disconnect. Returns the channels cut.
+    pub async fn retire(self, timeout: Duration) -> usize {
+        self.stop_accepting().await;
+        let _ = tokio::time::timeout(timeout, self.channels.wait_zero()).await;
+        let left = self.channels.get();
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "agent stopping", "")
+            .await;
+        left
+    }
+}
