@@ -1,0 +1,549 @@
+//! Test harness: a real OpenSSH `sshd` on a free loopback port, the real agent binary, a
+//! systemd-style notify socket, local target services and a small SOCKS client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const SSHD: &str = "/usr/sbin/sshd";
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("id -un");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `ssh-keygen` a key pair; returns (private key path, public key line).
+pub fn keygen(dir: &Path, name: &str, kind: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-N", "", "-C", name, "-t", kind, "-f"])
+        .arg(&path);
+    if kind == "rsa" {
+        cmd.args(["-b", "2048"]);
+    }
+    let st = cmd.stdin(Stdio::null()).status().expect("ssh-keygen");
+    assert!(st.success(), "ssh-keygen failed");
+    let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+    (path, public.trim().to_string())
+}
+
+/// A private sshd on loopback, killed when dropped.
+pub struct Sshd {
+    pub dir: TempDir,
+    pub port: u16,
+    pub host_key: String,
+    pub client_key: PathBuf,
+    pub client_pub: String,
+    pub user: String,
+    extra_config: String,
+    child: Option<Child>,
+}
+
+impl Sshd {
+    pub fn start() -> Sshd {
+        Self::start_with("")
+    }
+
+    /// `extra_config` lines are added to sshd_config.
+    pub fn start_with(extra_config: &str) -> Sshd {
+        std::fs::create_dir_all("/run/sshd").expect("create /run/sshd (tests run as root)");
+        let dir = tempfile::Builder::new()
+            .prefix("sa-sshd")
+            .tempdir()
+            .unwrap();
+        let (_, host_key) = keygen(dir.path(), "host_ed25519", "ed25519");
+        let (client_key, client_pub) = keygen(dir.path(), "client_ed25519", "ed25519");
+        std::fs::write(
+            dir.path().join("authorized_keys"),
+            format!("{client_pub}\n"),
+        )
+        .unwrap();
+        let mut sshd = Sshd {
+            dir,
+            port: 0,
+            host_key,
+            client_key,
+            client_pub,
+            user: user(),
+            extra_config: extra_config.to_string(),
+            child: None,
+        };
+        sshd.spawn_on_free_port();
+        sshd
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPidFile none\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+             PermitRootLogin prohibit-password\nGatewayPorts clientspecified\nAllowTcpForwarding remote\n\
+             LogLevel VERBOSE\n{extra}\n",
+            port = self.port,
+            extra = self.extra_config
+        );
+        std::fs::write(self.dir.path().join("sshd_config"), cfg).unwrap();
+    }
+
+    fn spawn_on_free_port(&mut self) {
+        for _ in 0..20 {
+            self.port = free_port();
+            if self.spawn() {
+                return;
+            }
+        }
+        panic!("sshd did not start; log:\n{}", self.log());
+    }
+
+    /// Start sshd on `self.port`; false if it exited (e.g. the port was taken).
+    fn spawn(&mut self) -> bool {
+        self.write_config();
+        let log = std::fs::File::create(self.dir.path().join("sshd.log")).unwrap();
+        let child = Command::new(SSHD)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(self.dir.path().join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sshd (is openssh-server installed?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Sessions live in child processes of the listener: end them too, as a crash would.
+        let _ = Command::new("pkill")
+            .args([
+                "-KILL",
+                "-f",
+                &format!("sshd_config.*{}", self.dir.path().display()),
+            ])
+            .status();
+    }
+
+    /// Start again on the same port (after `kill`).
+    pub fn restart(&mut self) {
+        assert!(self.spawn(), "sshd did not restart on port {}", self.port);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    pub fn authorize(&self, public: &str) {
+        let path = self.dir.path().join("authorized_keys");
+        let mut keys = std::fs::read_to_string(&path).unwrap();
+        keys.push_str(public);
+        keys.push('\n');
+        std::fs::write(path, keys).unwrap();
+    }
+
+    /// An agent.toml for this server; `extra` is appended (extra sections or keys).
+    pub fn agent_toml(&self, listen_port: u16, extra: &str) -> String {
+        format!(
+            "[tunnel]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nlisten_port = {listen_port}\n\
+             listen_address = \"127.0.0.1\"\nkey_file = \"{}\"\nhost_keys = [\"{}\"]\n\
+             keepalive_interval = \"2s\"\nkeepalive_max = 3\n{extra}",
+            self.port,
+            self.user,
+            self.client_key.display(),
+            self.host_key
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The agent binary under test, with its own notify socket; killed when dropped.
+pub struct Agent {
+    pub dir: TempDir,
+    pub child: Child,
+    notify: Arc<Mutex<Vec<String>>>,
+    output: Arc<Mutex<String>>,
+}
+
+pub fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_secoda-agent")
+}
+
+impl Agent {
+    /// Write `toml` as the config and start `secoda-agent run --config ...`.
+    pub fn start(toml: &str) -> Agent {
+        Self::start_with(toml, &[], &[])
+    }
+
+    pub fn start_with(toml: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("sa-agent")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, toml).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let sock_path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        let notify = Arc::new(Mutex::new(Vec::new()));
+        let n = notify.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(len) = sock.recv(&mut buf) {
+                n.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..len]).to_string());
+            }
+        });
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run");
+        if !toml.is_empty() {
+            cmd.arg("--config").arg(&config);
+        }
+        cmd.args(args)
+            .env_remove("JOURNAL_STREAM")
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the agent");
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let out = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("AGENT_LOG").is_some() {
+                        eprintln!("agent: {line}");
+                    }
+                    let mut o = out.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        Agent {
+            dir,
+            child,
+            notify,
+            output,
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    pub fn notifications(&self) -> Vec<String> {
+        self.notify.lock().unwrap().clone()
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Wait until a notification satisfying `pred` arrives (counting from index `from`).
+    pub async fn wait_notify(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(m) = self
+                .notifications()
+                .into_iter()
+                .skip(from)
+                .find(|m| pred(m))
+            {
+                return Some(m);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Wait for READY=1 (the first one after notification index `from`).
+    pub async fn wait_ready_from(&self, from: usize) {
+        if self
+            .wait_notify(from, Duration::from_secs(20), |m| {
+                m.lines().any(|l| l == "READY=1")
+            })
+            .await
+            .is_none()
+        {
+            panic!(
+                "agent not ready; notifications: {:?}\noutput:\n{}",
+                self.notifications(),
+                self.output()
+            );
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        self.wait_ready_from(0).await
+    }
+
+    pub async fn wait_output(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.output().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Raise this process's open-file limit to the hard limit (1,000-channel tests need it).
+pub fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// An echo service on loopback: every byte comes back.
+pub async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A minimal HTTP server answering every request with `body`.
+pub async fn http_server(body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// SOCKS5 CONNECT (no auth) to `host:port` through `proxy`; returns the reply code and, on
+/// success, the stream.
+pub async fn socks5(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>) {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut req = vec![5, 1, 0, 5, 1, 0];
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.octets());
+        }
+        Ok(std::net::IpAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.octets());
+        }
+        Err(_) => {
+            req.push(3);
+            req.push(host.len() as u8);
+            req.extend_from_slice(host.as_bytes());
+        }
+    }
+    req.extend_from_slice(&port.to_be_bytes());
+    if s.write_all(&req).await.is_err() {
+        return (0xff, None);
+    }
+    let mut method = [0u8; 2];
+    if s.read_exact(&mut method).await.is_err() {
+        return (0xff, None);
+    }
+    assert_eq!(method, [5, 0], "method selection");
+    let mut head = [0u8; 4];
+    if s.read_exact(&mut head).await.is_err() {
+        return (0xff, None);
+    }
+    assert_eq!(head[0], 5);
+    let rest = match head[3] {
+        1 => 6,
+        4 => 18,
+        t => panic!("bad address type {t} in reply"),
+    };
+    let mut tail = vec![0u8; rest];
+    s.read_exact(&mut tail).await.unwrap();
+    if head[1] == 0 {
+        (0, Some(s))
+    } else {
+        (head[1], None)
+    }
+}
+
+/// SOCKS4 (or 4a when `host` is a name) CONNECT; returns the reply code and the stream.
+pub async fn socks4(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>) {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).await.unwrap();
+    let mut req = vec![4, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    match host.parse::<std::net::Ipv4Addr>() {
+        Ok(a) => {
+            req.extend_from_slice(&a.octets());
+            req.extend_from_slice(b"user\0");
+        }
+        Err(_) => {
+            req.extend_from_slice(&[0, 0, 0, 1]);
+            req.extend_from_slice(b"user\0");
+            req.extend_from_slice(host.as_bytes());
+            req.push(0);
+        }
+    }
+    s.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 8];
+    if s.read_exact(&mut reply).await.is_err() {
+        return (0xff, None);
+    }
+    if reply[1] == 0x5a {
+        (reply[1], Some(s))
+    } else {
+        (reply[1], None)
+    }
+}
+
+/// Deterministic pseudo-random payload.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a, enough to compare payloads.
+pub fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Send `data` through an open stream to an echo service and check it all comes back.
+pub async fn echo_roundtrip(mut s: TcpStream, data: &[u8]) -> bool {
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::with_capacity(data.len());
+    let recv = r.read_to_end(&mut back);
+    let (_, got) = tokio::join!(send, recv);
+    got.is_ok() && checksum(&back) == checksum(data) && back.len() == data.len()
+}
+
+/// Poll until `f` is true or the timeout passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

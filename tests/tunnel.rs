@@ -1,0 +1,151 @@
+//! The core job against a real OpenSSH sshd: the forward, every SOCKS flavour, reply codes.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+async fn up() -> (Sshd, Agent, u16) {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nconnect_timeout = \"2s\"\n"));
+    agent.wait_ready().await;
+    (sshd, agent, listen)
+}
+
+#[tokio::test]
+async fn socks5_socks4_and_4a_reach_a_local_service_byte_exact() {
+    let (_sshd, _agent, listen) = up().await;
+    let echo = echo_server().await;
+    let data = payload(256 * 1024, 1);
+
+    let (code, s) = socks5(listen, "localhost", echo.port()).await;
+    assert_eq!(code, 0, "SOCKS5 by name");
+    assert!(echo_roundtrip(s.unwrap(), &data).await);
+
+    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0, "SOCKS5 by IP");
+    assert!(echo_roundtrip(s.unwrap(), &data).await);
+
+    let (code, s) = socks4(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0x5a, "SOCKS4");
+    assert!(echo_roundtrip(s.unwrap(), &data).await);
+
+    let (code, s) = socks4(listen, "localhost", echo.port()).await;
+    assert_eq!(code, 0x5a, "SOCKS4a");
+    assert!(echo_roundtrip(s.unwrap(), &data).await);
+}
+
+#[tokio::test]
+async fn curl_through_the_tunnel_with_every_socks_flavour() {
+    let (_sshd, _agent, listen) = up().await;
+    let web = http_server("hello through the tunnel").await;
+    for flag in ["--socks5-hostname", "--socks5", "--socks4", "--socks4a"] {
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "10", flag])
+                .arg(format!("127.0.0.1:{listen}"))
+                .arg(format!("http://localhost:{}/", web.port()))
+                .output()
+                .expect("curl")
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello through the tunnel",
+            "curl {flag}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn failures_get_the_right_reply_codes() {
+    let (_sshd, agent, listen) = up().await;
+    // Refused: a port nobody listens on.
+    let closed = free_port();
+    assert_eq!(socks5(listen, "127.0.0.1", closed).await.0, 5, "refused");
+    assert_eq!(
+        socks4(listen, "127.0.0.1", closed).await.0,
+        0x5b,
+        "SOCKS4 refused"
+    );
+    // A name that does not resolve: host unreachable.
+    assert_eq!(
+        socks5(listen, "no-such-host.invalid", 80).await.0,
+        4,
+        "name not found"
+    );
+    // Link-local (cloud metadata) is denied by default, before any packet is sent.
+    assert_eq!(
+        socks5(listen, "169.254.169.254", 80).await.0,
+        2,
+        "metadata denied"
+    );
+    assert!(
+        agent
+            .wait_output("link-local", Duration::from_secs(5))
+            .await
+    );
+    // The tunnel still serves after all that.
+    let echo = echo_server().await;
+    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
+    assert!(echo_roundtrip(s.unwrap(), b"still fine").await);
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_other_direction_open() {
+    let (_sshd, _agent, listen) = up().await;
+    // A service that reads everything until EOF, then answers with the byte count.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(format!("got {}", all.len()).as_bytes())
+            .await
+            .unwrap();
+    });
+    let (code, s) = socks5(listen, "127.0.0.1", port).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(&payload(100_000, 3)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "got 100000");
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_channels_arrive_intact() {
+    raise_nofile();
+    let (_sshd, _agent, listen) = up().await;
+    let echo = echo_server().await;
+    let mut tasks = Vec::new();
+    for i in 0..1000u64 {
+        tasks.push(tokio::spawn(async move {
+            let data = payload(64 * 1024, i);
+            let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+            code == 0 && echo_roundtrip(s.unwrap(), &data).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 1000, "channels that failed: {}", 1000 - ok);
+}
