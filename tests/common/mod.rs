@@ -143,19 +143,23 @@ impl Sshd {
         false
     }
 
+    /// Kill the listener and every session process under it, as a crash or reboot would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            let mut pids = vec![c.id() as i32];
+            let mut i = 0;
+            while i < pids.len() {
+                pids.extend(children(pids[i]));
+                i += 1;
+            }
+            for pid in pids {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
             let _ = c.wait();
         }
-        // Sessions live in child processes of the listener: end them too, as a crash would.
-        let _ = Command::new("pkill")
-            .args([
-                "-KILL",
-                "-f",
-                &format!("sshd_config.*{}", self.dir.path().display()),
-            ])
-            .status();
     }
 
     /// Start again on the same port (after `kill`).
@@ -187,6 +191,30 @@ impl Sshd {
             self.host_key
         )
     }
+}
+
+/// Direct children of `pid`, from /proc.
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            if let Ok(child) = entry.file_name().to_string_lossy().parse() {
+                out.push(child);
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Sshd {

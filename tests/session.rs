@@ -1,0 +1,309 @@
+//! Session setup and recovery against a real sshd: pins, keys, env-file configs, restarts,
+//! refused forwards, and no head-of-line blocking.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn assert_serves(listen: u16) {
+    let echo = echo_server().await;
+    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
+    assert!(echo_roundtrip(s.unwrap(), &payload(10_000, 9)).await);
+}
+
+#[tokio::test]
+async fn a_wrong_host_key_is_refused_and_explained() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let other = tempfile::tempdir().unwrap();
+    let (_, wrong_pin) = keygen(other.path(), "other", "ed25519");
+    let toml = sshd
+        .agent_toml(listen, "")
+        .replace(&sshd.host_key, &wrong_pin);
+    let agent = Agent::start(&toml);
+    assert!(
+        agent
+            .wait_output("HOST KEY MISMATCH", Duration::from_secs(10))
+            .await,
+        "{}",
+        agent.output()
+    );
+    let out = agent.output();
+    assert!(out.contains("man-in-the-middle"), "{out}");
+    assert_eq!(
+        out.matches("SHA256:").count(),
+        2,
+        "expected and presented fingerprints: {out}"
+    );
+    // Retried only at the backoff ceiling.
+    assert!(
+        out.contains("retrying in 3")
+            || out.contains("retrying in 4")
+            || out.contains("retrying in 5")
+            || out.contains("retrying in 6"),
+        "{out}"
+    );
+    // Never authenticated, so no port was opened on the server.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", listen)).is_err());
+    assert!(!agent.notifications().iter().any(|m| m.contains("READY=1")));
+}
+
+#[tokio::test]
+async fn a_key_the_server_does_not_know_is_reported() {
+    let sshd = Sshd::start();
+    let other = tempfile::tempdir().unwrap();
+    let (key, _) = keygen(other.path(), "unknown", "ed25519");
+    let toml = sshd.agent_toml(free_port(), "").replace(
+        &sshd.client_key.display().to_string(),
+        &key.display().to_string(),
+    );
+    let agent = Agent::start(&toml);
+    assert!(
+        agent
+            .wait_output("authentication rejected for user", Duration::from_secs(10))
+            .await,
+        "{}",
+        agent.output()
+    );
+}
+
+#[tokio::test]
+async fn rsa_and_ecdsa_keys_from_key_base64() {
+    let sshd = Sshd::start();
+    for kind in ["rsa", "ecdsa"] {
+        let (key, public) = keygen(sshd.dir.path(), &format!("client_{kind}"), kind);
+        sshd.authorize(&public);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&key).unwrap());
+        let listen = free_port();
+        let toml = sshd.agent_toml(listen, "").replace(
+            &format!("key_file = \"{}\"", sshd.client_key.display()),
+            &format!("key_base64 = \"{b64}\""),
+        );
+        let agent = Agent::start(&toml);
+        agent.wait_ready().await;
+        assert_serves(listen).await;
+        // OpenSSH 8.8+ accepts only SHA-2 RSA signatures: this proves we sent one.
+        if kind == "rsa" {
+            assert!(
+                sshd.log().contains("RSA SHA256:") || sshd.log().contains("Accepted publickey"),
+                "{}",
+                sshd.log()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn docker_style_env_file_alone_is_a_complete_config() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let b64 =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&sshd.client_key).unwrap());
+    let env_file = dir.path().join("agent.env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "# copied from Secoda's tunnel page\nSSH_HOST=127.0.0.1\nSSH_HOST_PORT=\"{}\"\nSSH_LISTEN_PORT=1\nSSH_USER={}\nSSH_KEY_BASE64={b64}\nSSH_HOST_KEY={}\n",
+            sshd.port, sshd.user, sshd.host_key
+        ),
+    )
+    .unwrap();
+    // The process environment overrides the file (SSH_LISTEN_PORT=1 would fail).
+    let listen_s = listen.to_string();
+    let agent = Agent::start_with(
+        "",
+        &["--env-file", env_file.to_str().unwrap()],
+        &[("SSH_LISTEN_PORT", &listen_s)],
+    );
+    agent.wait_ready().await;
+    // Without listen_address the agent asks for 0.0.0.0, as the Docker image does.
+    assert_serves(listen).await;
+}
+
+#[tokio::test]
+async fn the_tunnel_comes_back_after_sshd_is_killed_and_restarted() {
+    let mut sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    agent.wait_ready().await;
+    assert_serves(listen).await;
+
+    let seen = agent.notifications().len();
+    sshd.kill();
+    assert!(
+        agent
+            .wait_output("tunnel lost", Duration::from_secs(10))
+            .await,
+        "{}",
+        agent.output()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sshd.restart();
+    agent.wait_ready_from(seen).await;
+    assert_serves(listen).await;
+}
+
+#[tokio::test]
+async fn a_listen_port_still_held_is_retried_until_free() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    // A plain OpenSSH client holds the port first, as a previous session would.
+    let mut holder = Command::new("ssh")
+        .args([
+            "-N",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .arg("-i")
+        .arg(&sshd.client_key)
+        .args([
+            "-p",
+            &sshd.port.to_string(),
+            "-R",
+            &format!("127.0.0.1:{listen}"),
+        ])
+        .arg(format!("{}@127.0.0.1", sshd.user))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
+        })
+        .await
+    );
+
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    assert!(
+        agent
+            .wait_output("still held by a previous session", Duration::from_secs(10))
+            .await,
+        "{}",
+        agent.output()
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    // Backoff is at most a few seconds after so few attempts.
+    agent.wait_ready().await;
+    assert_serves(listen).await;
+}
+
+/// One channel's target never reads; another moves 100 MiB; sshd checks that the client keeps
+/// answering its keepalives every second; the session must not notice the stalled channel.
+#[tokio::test]
+async fn a_stalled_target_blocks_no_other_channel() {
+    let sshd = Sshd::start_with("ClientAliveInterval 1\nClientAliveCountMax 2\n");
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    agent.wait_ready().await;
+
+    // The stalled target: accepts, never reads.
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let (s, _) = stall.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        drop(s);
+    });
+    let (code, s) = socks5(listen, "127.0.0.1", stall_port).await;
+    assert_eq!(code, 0);
+    let mut stalled = s.unwrap();
+    // 4 MiB: far more than the target's socket buffers, below max_pending (8 MiB).
+    let block = payload(4 << 20, 5);
+    let writer = tokio::spawn(async move {
+        let _ = stalled.write_all(&block).await;
+        stalled
+    });
+
+    // A sink that counts bytes until EOF and answers with the count.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = sink.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k as u64,
+            }
+        }
+        s.write_all(n.to_string().as_bytes()).await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, s) = socks5(listen, "127.0.0.1", sink_port).await;
+    assert_eq!(code, 0);
+    let mut bulk = s.unwrap();
+    let chunk = payload(1 << 20, 6);
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
+        bulk.write_all(&chunk).await.unwrap();
+    }
+    bulk.shutdown().await.unwrap();
+    let mut answer = String::new();
+    bulk.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, (100u64 << 20).to_string());
+    eprintln!(
+        "100 MiB beside a stalled channel in {:?}",
+        started.elapsed()
+    );
+
+    // Keepalives kept flowing: sshd (ClientAlive 1s x 2) would have dropped a frozen client.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !agent.output().contains("tunnel lost"),
+        "{}",
+        agent.output()
+    );
+    assert_serves(listen).await;
+    drop(writer);
+    holder.abort();
+}
+
+#[tokio::test]
+async fn a_channel_past_max_pending_is_cut_alone() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nmax_pending = \"1MiB\"\n"));
+    agent.wait_ready().await;
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let (s, _) = stall.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    });
+    let (code, s) = socks5(listen, "127.0.0.1", stall_port).await;
+    assert_eq!(code, 0);
+    let mut stalled = s.unwrap();
+    let block = payload(32 << 20, 7);
+    // The write ends with an error once the agent cuts the channel.
+    let res = tokio::time::timeout(Duration::from_secs(20), stalled.write_all(&block)).await;
+    assert!(
+        matches!(res, Ok(Err(_))),
+        "the stalled channel was not cut: {res:?}"
+    );
+    assert!(
+        agent.wait_output("fell", Duration::from_secs(5)).await,
+        "{}",
+        agent.output()
+    );
+    assert_serves(listen).await;
+    assert!(!agent.output().contains("tunnel lost"));
+    holder.abort();
+}
