@@ -66,6 +66,7 @@ fn run(sources: Sources, log_level: Option<log::LevelFilter>) -> ExitCode {
         }
     };
     logging::init(log_level.unwrap_or(cfg.log.level));
+    raise_open_file_limit();
     for w in &cfg.warnings {
         log::warn!("{w}");
     }
@@ -111,5 +112,24 @@ fn run(sources: Sources, log_level: Option<log::LevelFilter>) -> ExitCode {
             eprintln!("secoda-agent: cannot install signal handlers: {e}");
             ExitCode::from(exit::FAILURE)
         }
+    }
+}
+
+/// Each channel holds a socket to its target, so 1,000 channels need more than the usual soft
+/// limit of 1,024 descriptors. Raise the soft limit to the hard one, as most daemons do.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass by valid pointer.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    };
+    if !raised {
+        log::debug!("could not raise the open-file limit; channels are limited by the current one");
     }
 }

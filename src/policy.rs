@@ -93,11 +93,6 @@ impl Policy {
             Err(Denial::NotAllowed)
         }
     }
-
-    /// The host names that `allow` names literally (no wildcard), for diagnostics.
-    pub fn is_default(&self) -> bool {
-        self.allow.is_empty() && self.deny.is_empty()
-    }
 }
 
 impl fmt::Display for Policy {

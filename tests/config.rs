@@ -269,3 +269,32 @@ fn run_refuses_to_start_on_a_bad_config_with_78() {
     let out = Command::new(agent_bin()).arg("--bogus").output().unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[test]
+fn the_shipped_example_configs_are_valid() {
+    let f = fixture();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = std::fs::read_to_string(root.join("config/agent.toml"))
+        .unwrap()
+        .replace("/etc/secoda-agent/id_ed25519", &f.key.display().to_string());
+    let path = f.write("agent.toml", &toml);
+    let out = check(&[], Some(&path));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&f.key).unwrap());
+    let env = std::fs::read_to_string(root.join("config/agent.env"))
+        .unwrap()
+        .replace("SSH_KEY_BASE64=\n", &format!("SSH_KEY_BASE64={b64}\n"));
+    let env_path = f.write("agent.env", &env);
+    let out = Command::new(agent_bin())
+        .args(["check-config", "--config", "/dev/null", "--env-file"])
+        .arg(&env_path)
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("tunnel@tunnel.example.com:22") && t.contains(":10123"),
+        "{t}"
+    );
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test. Installs what the tests need when it is missing (Debian; needs root, as the
+# tests do: they start their own sshd, which needs /run/sshd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo test --locked --all-targets
+bash tests/demo.sh
