@@ -49,6 +49,9 @@ pub const REPEAT_LOG_LIMIT: u32 = 3;
 /// 32 KiB packets match OpenSSH's channel packet size.
 pub const SSH_WINDOW_SIZE: u32 = 16 * 1024 * 1024;
 pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;
+/// Channel tasks stop producing output for the server while this much is already waiting in
+/// the transport's buffer (see transport.rs): bounds memory without ever blocking the session.
+pub const SSH_BACKLOG_HIGH: usize = 4 * 1024 * 1024;
 /// Read buffer for target -> server copies: one SSH packet's worth at a time.
 pub const SPLICE_BUFFER_SIZE: usize = 32 * 1024;
 /// A config file larger than this is refused before it is parsed.

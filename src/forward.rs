@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::config::ForwardConfig;
 use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BUFFER_SIZE};
 use crate::socks::{self, Host, Reply, Request};
+use crate::transport::Backlog;
 
 /// What the session hands a channel task.
 #[derive(Debug)]
@@ -38,6 +39,7 @@ pub struct Inbox {
     tx: mpsc::UnboundedSender<Inbound>,
     pending: Arc<AtomicU64>,
     max_pending: u64,
+    cut: Arc<Notify>,
 }
 
 /// The channel task's end.
@@ -48,16 +50,20 @@ pub struct ChannelInput {
     leftover: Bytes,
     eof: bool,
     overflow: Option<u64>,
+    /// Signalled on overflow, so the channel is cut even while its task waits on the target.
+    cut: Arc<Notify>,
 }
 
 pub fn inbox(max_pending: u64) -> (Inbox, ChannelInput) {
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicU64::new(0));
+    let cut = Arc::new(Notify::new());
     (
         Inbox {
             tx,
             pending: pending.clone(),
             max_pending,
+            cut: cut.clone(),
         },
         ChannelInput {
             rx,
@@ -65,6 +71,7 @@ pub fn inbox(max_pending: u64) -> (Inbox, ChannelInput) {
             leftover: Bytes::new(),
             eof: false,
             overflow: None,
+            cut,
         },
     )
 }
@@ -77,6 +84,7 @@ impl Inbox {
         let pending = self.pending.fetch_add(len, Ordering::AcqRel) + len;
         if pending > self.max_pending {
             let _ = self.tx.send(Inbound::Overflow(pending));
+            self.cut.notify_one();
             return false;
         }
         self.tx
@@ -255,9 +263,10 @@ impl Forwarder {
     }
 }
 
-/// Where a channel came from, for its log lines.
+/// Where a channel came from (for its log lines), and its session's output backlog.
 pub struct Origin {
     pub originator: String,
+    pub backlog: Arc<Backlog>,
 }
 
 /// Run one channel to its end. `guard` is released when the channel is done.
@@ -326,12 +335,18 @@ pub async fn serve_channel(
     }
     log::debug!(target = target.as_str(); "channel open to {target}");
 
-    let outcome = splice(&mut input, stream, &mut writer).await;
+    let counts = Counts::default();
+    let cut = input.cut.clone();
+    let end = tokio::select! {
+        end = splice(&mut input, stream, &mut writer, &origin.backlog, &counts) => end,
+        _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
+    };
     let _ = channel.close().await;
     drop(guard);
     let secs = started.elapsed().as_secs_f64();
-    let (up, down) = (outcome.to_target, outcome.from_target);
-    match outcome.end {
+    let up = counts.to_target.load(Ordering::Relaxed);
+    let down = counts.from_target.load(Ordering::Relaxed);
+    match end {
         End::Normal => log::info!(
             target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs;
             "channel to {target} closed after {secs:.1}s: {up} bytes to target, {down} bytes from target"),
@@ -423,10 +438,11 @@ enum End {
     Error(io::Error),
 }
 
-struct Outcome {
-    to_target: u64,
-    from_target: u64,
-    end: End,
+/// Bytes moved by a channel, each way.
+#[derive(Default)]
+struct Counts {
+    to_target: AtomicU64,
+    from_target: AtomicU64,
 }
 
 /// Copy both ways until both sides are done. EOF in one direction is passed on as a
@@ -436,10 +452,11 @@ async fn splice<W: AsyncWrite + Unpin>(
     input: &mut ChannelInput,
     target: TcpStream,
     writer: &mut W,
-) -> Outcome {
+    backlog: &Backlog,
+    counts: &Counts,
+) -> End {
     let (mut tr, mut tw) = target.into_split();
-    let to_target = AtomicU64::new(0);
-    let from_target = AtomicU64::new(0);
+    let (to_target, from_target) = (&counts.to_target, &counts.from_target);
     let server_eof = AtomicBool::new(false);
 
     let end = {
@@ -468,6 +485,7 @@ async fn splice<W: AsyncWrite + Unpin>(
                 if n == 0 {
                     break;
                 }
+                backlog.wait_room().await;
                 writer.write_all(&buf[..n]).await?;
                 from_target.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -483,14 +501,9 @@ async fn splice<W: AsyncWrite + Unpin>(
             },
         }
     };
-    let end = match (input.overflow, end) {
+    match (input.overflow, end) {
         (Some(n), _) => End::Overflow(n),
         (None, Some(e)) => End::Error(e),
         (None, None) => End::Normal,
-    };
-    Outcome {
-        to_target: to_target.into_inner(),
-        from_target: from_target.into_inner(),
-        end,
     }
 }

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod socks;
 pub mod supervisor;
 pub mod systemd;
+pub mod transport;
 pub mod tunnel;
 
 /// Exit codes (sysexits.h where one fits): the unit uses `RestartPreventExitStatus=78`.

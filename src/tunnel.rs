@@ -8,23 +8,21 @@
 //! callback, which queues it in the channel's own [`Inbox`] without waiting.
 
 use std::collections::HashMap;
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use russh::client::{self, Handle, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{cipher, Channel, ChannelId, Preferred};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use crate::config::TunnelConfig;
 use crate::constants::*;
 use crate::error::TunnelError;
 use crate::forward::{self, Forwarder, Gauge, GaugeGuard, Inbox, Origin};
+use crate::transport::{Backlog, Transport};
 
 /// Handler errors: russh's own, or our verdict on the host key.
 #[derive(Debug)]
@@ -45,7 +43,21 @@ struct Client {
     /// Channels of this session, so a retired session can drain on its own.
     channels: Arc<Gauge>,
     accepting: Arc<AtomicBool>,
+    backlog: Arc<Backlog>,
     inboxes: HashMap<ChannelId, Inbox>,
+    /// Tells the [`Session`] why the session loop ended (see `disconnected` and `Drop`).
+    ended: Option<oneshot::Sender<TunnelError>>,
+    keepalive_window: Duration,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(TunnelError::Lost {
+                reason: "the session ended".into(),
+            });
+        }
+    }
 }
 
 impl client::Handler for Client {
@@ -106,6 +118,7 @@ impl client::Handler for Client {
         let guard = GaugeGuard::new(vec![self.fwd.active.clone(), self.channels.clone()]);
         let origin = Origin {
             originator: format!("{originator_address}:{originator_port}"),
+            backlog: self.backlog.clone(),
         };
         tokio::spawn(forward::serve_channel(
             input,
@@ -142,6 +155,42 @@ impl client::Handler for Client {
         Ok(())
     }
 
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let (error, result) = match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => (
+                TunnelError::Lost {
+                    reason: format!("the server disconnected: {}", info.message),
+                },
+                Ok(()),
+            ),
+            client::DisconnectReason::Error(HandlerError::Ssh(russh::Error::KeepaliveTimeout)) => (
+                TunnelError::KeepaliveTimeout {
+                    window: self.keepalive_window,
+                },
+                Err(HandlerError::Ssh(russh::Error::KeepaliveTimeout)),
+            ),
+            client::DisconnectReason::Error(HandlerError::Ssh(e)) => (
+                TunnelError::Lost {
+                    reason: e.to_string(),
+                },
+                Err(HandlerError::Ssh(e)),
+            ),
+            client::DisconnectReason::Error(e @ HandlerError::HostKeyMismatch { .. }) => (
+                TunnelError::Lost {
+                    reason: "the host key check failed".into(),
+                },
+                Err(e),
+            ),
+        };
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(error);
+        }
+        result
+    }
+
     async fn channel_close(
         &mut self,
         channel: ChannelId,
@@ -160,54 +209,6 @@ pub fn fingerprint(key: &PublicKey) -> String {
     )
 }
 
-/// The SSH transport: a TCP stream that remembers whether the server ever sent a byte, so a
-/// silent server ("stuck on the version number") can be told apart from a slow handshake.
-struct Transport {
-    tcp: TcpStream,
-    heard: Arc<AtomicBool>,
-}
-
-impl AsyncRead for Transport {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.heard.store(true, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Transport {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        b: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, b)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        b: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, b)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
-
 /// An established session with the remote forward in place.
 pub struct Session {
     handle: Handle<Client>,
@@ -217,7 +218,18 @@ pub struct Session {
     pub server: String,
     pub since: Instant,
     keepalive_window: Duration,
+    ended: oneshot::Receiver<TunnelError>,
     finished: bool,
+    next_probe: tokio::time::Instant,
+    probe_deadline: Option<tokio::time::Instant>,
+}
+
+async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) -> Result<(), ()> {
+    let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
+    match tokio::time::timeout_at(deadline, handle.send_ping()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
 }
 
 fn ssh_config(t: &TunnelConfig) -> client::Config {
@@ -302,17 +314,20 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     let heard = Arc::new(AtomicBool::new(false));
     let accepting = Arc::new(AtomicBool::new(true));
     let channels = Arc::new(Gauge::default());
+    let backlog = Arc::new(Backlog::default());
+    let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
+    let (ended_tx, ended_rx) = oneshot::channel();
     let handler = Client {
         pins: t.host_keys.clone(),
         fwd,
         channels: channels.clone(),
         accepting: accepting.clone(),
+        backlog: backlog.clone(),
         inboxes: HashMap::new(),
+        ended: Some(ended_tx),
+        keepalive_window,
     };
-    let transport = Transport {
-        tcp,
-        heard: heard.clone(),
-    };
+    let transport = Transport::new(tcp, backlog, heard.clone());
     let handshake = async {
         let mut handle = client::connect_stream(Arc::new(ssh_config(t)), transport, handler)
             .await
@@ -361,8 +376,11 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         listen: (t.listen_address.clone(), t.listen_port),
         server,
         since: Instant::now(),
-        keepalive_window: t.keepalive_interval * t.keepalive_max.max(1),
+        keepalive_window,
+        ended: ended_rx,
         finished: false,
+        next_probe: tokio::time::Instant::now() + LIVENESS_INTERVAL,
+        probe_deadline: None,
     })
 }
 
@@ -399,33 +417,32 @@ impl Session {
     }
 
     /// Resolves when the session is over: closed by the server, dead keepalives, or wedged.
+    /// Cancellation-safe: the caller may drop and recreate this future (it does, to refresh
+    /// STATUS), and the liveness probe's schedule and deadline carry over.
     pub async fn closed(&mut self) -> TunnelError {
         if self.finished {
             return TunnelError::Lost {
                 reason: "session already closed".into(),
             };
         }
-        let mut probe = tokio::time::interval(LIVENESS_INTERVAL);
-        probe.tick().await;
         loop {
             tokio::select! {
-                r = &mut self.handle => {
+                r = &mut self.ended => {
                     self.finished = true;
-                    return match r {
-                        Ok(()) => TunnelError::Lost { reason: "the server closed the connection".into() },
-                        Err(HandlerError::Ssh(russh::Error::KeepaliveTimeout)) => TunnelError::KeepaliveTimeout { window: self.keepalive_window },
-                        Err(HandlerError::Ssh(e)) => TunnelError::Lost { reason: e.to_string() },
-                        Err(HandlerError::HostKeyMismatch { presented }) => TunnelError::Lost { reason: format!("host key changed during the session to {presented}") },
-                    };
+                    return r.unwrap_or(TunnelError::Lost { reason: "the session ended".into() });
                 }
-                _ = probe.tick() => {
+                _ = tokio::time::sleep_until(self.next_probe), if self.probe_deadline.is_none() => {
+                    self.probe_deadline = Some(tokio::time::Instant::now() + self.keepalive_window + LIVENESS_INTERVAL);
+                }
+                r = probe(&self.handle, self.probe_deadline), if self.probe_deadline.is_some() => {
                     // A ping that must come back: if the session loop itself is stuck, the
                     // keepalives cannot catch it, this does.
-                    let window = self.keepalive_window + LIVENESS_INTERVAL;
-                    if tokio::time::timeout(window, self.handle.send_ping()).await.is_err() {
+                    if r.is_err() {
                         self.finished = true;
-                        return TunnelError::Wedged { window };
+                        return TunnelError::Wedged { window: self.keepalive_window + LIVENESS_INTERVAL };
                     }
+                    self.probe_deadline = None;
+                    self.next_probe = tokio::time::Instant::now() + LIVENESS_INTERVAL;
                 }
             }
         }

@@ -1,0 +1,151 @@
+//! The SSH transport socket, wrapped for two jobs russh cannot do itself.
+//!
+//! 1. **Writes never stop reads.** russh's session loop writes all its output before it reads
+//!    again. OpenSSH's sshd stops reading from a client while it has much data queued for that
+//!    client. With many busy channels both sides end up writing and neither reading: a
+//!    deadlock (seen here with 1,000 concurrent echo channels). So `poll_write` and
+//!    `poll_flush` never wait: what the socket does not take goes to a buffer, which drains
+//!    whenever the session polls for reading (which it always does while idle), woken by
+//!    write readiness. The buffer is kept small at the source instead: channel tasks wait on
+//!    the [`Backlog`] before producing more (see `forward.rs`), so memory stays bounded.
+//! 2. **Knowing whether the server spoke at all**, so a silent server (firewall, "stuck on the
+//!    version number") is told apart from a slow handshake.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use tokio::sync::Notify;
+
+use crate::constants::SSH_BACKLOG_HIGH;
+
+/// How many bytes wait in the transport's buffer, for channel tasks to pace themselves on.
+#[derive(Default)]
+pub struct Backlog {
+    bytes: AtomicUsize,
+    drained: Notify,
+}
+
+impl Backlog {
+    /// Wait until the transport has room for more output.
+    pub async fn wait_room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.bytes.load(Ordering::Acquire) < SSH_BACKLOG_HIGH {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    fn set(&self, n: usize) {
+        let old = self.bytes.swap(n, Ordering::AcqRel);
+        if old >= SSH_BACKLOG_HIGH && n < SSH_BACKLOG_HIGH {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+pub struct Transport {
+    tcp: TcpStream,
+    pending: BytesMut,
+    backlog: Arc<Backlog>,
+    heard: Arc<AtomicBool>,
+}
+
+impl Transport {
+    pub fn new(tcp: TcpStream, backlog: Arc<Backlog>, heard: Arc<AtomicBool>) -> Self {
+        Transport {
+            tcp,
+            pending: BytesMut::new(),
+            backlog,
+            heard,
+        }
+    }
+
+    /// Write buffered bytes until done (`Ready`) or the socket is full (`Pending`, with the
+    /// task registered for write readiness).
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.drain_inner(cx);
+        self.backlog.set(self.pending.len());
+        r
+    }
+
+    fn drain_inner(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            match Pin::new(&mut self.tcp).poll_write(cx, &self.pending) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.pending.advance(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Poll::Ready(Err(e)) = self.drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.pending.is_empty() {
+            match Pin::new(&mut self.tcp).poll_write(cx, data) {
+                Poll::Ready(Ok(n)) if n == data.len() => return Poll::Ready(Ok(n)),
+                Poll::Ready(Ok(n)) => {
+                    self.pending.extend_from_slice(&data[n..]);
+                    self.backlog.set(self.pending.len());
+                    return Poll::Ready(Ok(data.len()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        } else if let Poll::Ready(Err(e)) = self.drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        // The attempt above registered this task for write readiness.
+        self.pending.extend_from_slice(data);
+        self.backlog.set(self.pending.len());
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Deliberately "done" while bytes are still buffered: the reader side finishes the job.
+        match self.drain(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut self.tcp).poll_shutdown(cx),
+            other => other,
+        }
+    }
+}
