@@ -30,14 +30,16 @@ fn send(states: &[NotifyState]) {
     }
 }
 
-/// The ping interval when systemd asked for a watchdog (half of WATCHDOG_USEC).
+/// The ping interval when systemd asked for a watchdog: half of `WATCHDOG_USEC`. Like
+/// libsystemd's `sd_watchdog_enabled`, `WATCHDOG_PID` must name this process when it is set.
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Some(Duration::from_micros(usec / 2))
-    } else {
-        None
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
     }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// Ping the watchdog from a task on the agent's own runtime: if the runtime stops making
