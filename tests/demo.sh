@@ -74,7 +74,7 @@ chmod 600 "$work/agent.toml"
 pids+=($!)
 
 for _ in $(seq 1 100); do
-    grep -q "tunnel up" "$work/agent.log" && break
+    grep -q "tunnel up" "$work/agent.log" && curl -s -o /dev/null "http://127.0.0.1:$web_port/" && break
     sleep 0.1
 done
 cat "$work/agent.log"
