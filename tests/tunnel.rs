@@ -149,3 +149,95 @@ async fn a_thousand_concurrent_channels_arrive_intact() {
     }
     assert_eq!(ok, 1000, "channels that failed: {}", 1000 - ok);
 }
+
+#[tokio::test]
+async fn a_black_holed_target_times_out_with_code_6() {
+    let (_sshd, _agent, listen) = up().await;
+    // A listener whose accept queue is full drops further SYNs: connecting hangs, as to a
+    // black-holed host, without any traffic leaving loopback.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = sock.listen(0).unwrap();
+    let port = full.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(socks5(listen, "127.0.0.1", port).await.0, 6, "timed out");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5),
+        "connect_timeout is 2s, waited {waited:?}"
+    );
+    drop(full);
+}
+
+#[tokio::test]
+async fn channels_beyond_max_connections_are_refused_and_nothing_else_breaks() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nmax_connections = 3\n"));
+    agent.wait_ready().await;
+    let echo = echo_server().await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+        assert_eq!(code, 0);
+        open.push(s.unwrap());
+    }
+    assert_eq!(
+        socks5(listen, "127.0.0.1", echo.port()).await.0,
+        1,
+        "the 4th channel must be refused"
+    );
+    assert!(
+        agent
+            .wait_output("max_connections is 3", Duration::from_secs(5))
+            .await
+    );
+    // The open ones still work, and a slot frees up when one closes.
+    let first = open.remove(0);
+    assert!(echo_roundtrip(first, b"still served").await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            match socks5(listen, "127.0.0.1", echo.port()).await {
+                (0, Some(s)) => echo_roundtrip(s, b"slot reused").await,
+                _ => false,
+            }
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_socks_handshake_is_closed_after_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_sshd, _agent, listen) = up().await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", listen))
+        .await
+        .unwrap();
+    // Half a SOCKS5 greeting, then nothing.
+    s.write_all(&[5]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "not closed: {r:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9),
+        "closed too early: {waited:?}"
+    );
+    // Other channels are unaffected.
+    let echo = echo_server().await;
+    let (code, c) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
+    assert!(echo_roundtrip(c.unwrap(), b"fine").await);
+}
