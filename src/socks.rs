@@ -366,4 +366,68 @@ mod tests {
         want.extend_from_slice(&[0, 1, 0, 0x5a, 0, 0, 0, 0, 0, 0]);
         assert_eq!(out, want);
     }
+
+    /// Property: for random and truncated input the parser never panics, never reads past
+    /// what a request can hold, and either returns a request or an error, having written only
+    /// well-formed replies.
+    #[tokio::test]
+    async fn random_and_truncated_requests_get_a_well_formed_answer_or_a_clean_close() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid: [&[u8]; 3] = [
+            b"\x05\x01\x00\x05\x01\x00\x03\x09localhost\x1f\x90",
+            b"\x04\x01\x00\x50\x00\x00\x00\x01u\x00db\x00",
+            b"\x05\x02\x00\x02\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50",
+        ];
+        for round in 0..5000 {
+            let mut input: Vec<u8> = if round % 2 == 0 {
+                // A valid request, truncated and with some bytes flipped.
+                let v = valid[(next() % 3) as usize];
+                let mut v = v[..(next() as usize % (v.len() + 1))].to_vec();
+                for _ in 0..(next() % 3) {
+                    if !v.is_empty() {
+                        let i = next() as usize % v.len();
+                        v[i] = next() as u8;
+                    }
+                }
+                v
+            } else {
+                let len = next() as usize % 600;
+                (0..len).map(|_| next() as u8).collect()
+            };
+            if round % 3 == 0 && !input.is_empty() {
+                input[0] = if round % 2 == 0 { 4 } else { 5 };
+            }
+            let (_, out) = serve(&input).await;
+            assert!(
+                well_formed(&out),
+                "round {round}: reply {out:?} to {input:?}"
+            );
+        }
+    }
+
+    /// Method selection, then at most one request reply, each in its exact wire form.
+    fn well_formed(mut out: &[u8]) -> bool {
+        if out.is_empty() {
+            return true;
+        }
+        if out.len() == 8 {
+            return out[0] == 0 && (out[1] == 0x5a || out[1] == 0x5b);
+        }
+        if out.len() < 2 || out[0] != 5 || !(out[1] == 0 || out[1] == 0xff) {
+            return false;
+        }
+        out = &out[2..];
+        match out.len() {
+            0 => true,
+            10 => out[0] == 5 && out[1] <= 8 && out[3] == 1,
+            22 => out[0] == 5 && out[1] <= 8 && out[3] == 4,
+            _ => false,
+        }
+    }
 }

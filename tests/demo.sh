@@ -26,30 +26,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ssh_port=$(free_port); listen_port=$(free_port); web_port=$(free_port)
+. tests/sshd-lib.sh
+listen_port=$(free_port); web_port=$(free_port)
 
 # The "Secoda" side: an sshd that accepts the agent's key and allows remote forwards.
-mkdir -p /run/sshd
-ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$work/agent_key"
-cp "$work/agent_key.pub" "$work/authorized_keys"
-cat > "$work/sshd_config" <<CFG
-Port $ssh_port
-ListenAddress 127.0.0.1
-HostKey $work/host_key
-AuthorizedKeysFile $work/authorized_keys
-PidFile none
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowTcpForwarding remote
-GatewayPorts clientspecified
-CFG
-/usr/sbin/sshd -D -e -f "$work/sshd_config" 2>"$work/sshd.log" &
-pids+=($!)
+start_test_sshd "$work"
+pids+=("$SSHD_PID")
 
 # The customer's side: a private web page only this host can reach.
 mkdir "$work/www"
@@ -60,12 +42,12 @@ pids+=($!)
 cat > "$work/agent.toml" <<CFG
 [tunnel]
 host = "127.0.0.1"
-port = $ssh_port
+port = $SSH_PORT
 user = "$(id -un)"
 listen_port = $listen_port
 listen_address = "127.0.0.1"
-key_file = "$work/agent_key"
-host_keys = ["$(cut -d' ' -f1,2 "$work/host_key.pub")"]
+key_file = "$AGENT_KEY"
+host_keys = ["$HOST_KEY_LINE"]
 CFG
 chmod 600 "$work/agent.toml"
 
