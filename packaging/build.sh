@@ -12,6 +12,6 @@ mkdir -p target/man target/packages
 for page in packaging/man/*.[0-9]; do
     gzip -9n -c "$page" > "target/man/$(basename "$page").gz"
 done
-cargo deb --no-build --no-strip --output target/packages/
+cargo deb --no-build --output target/packages/
 cargo generate-rpm --output target/packages/
 ls -l target/packages/

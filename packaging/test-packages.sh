@@ -33,13 +33,13 @@ lintian --fail-on error,warning "$deb" \
 ok "lintian clean"
 
 step "rpm metadata"
-rpm_info=$(rpm -qp --scripts --configfiles -l "$rpm_file" 2>/dev/null)
-echo "$rpm_info" | grep -qx "/etc/secoda-agent/agent.toml" || fail "agent.toml not listed"
-rpm -qp --configfiles "$rpm_file" 2>/dev/null | grep -qx "/etc/secoda-agent/agent.toml" || fail "agent.toml is not %config"
+rpm_info=$(rpm -qp --scripts --configfiles "$rpm_file" 2>/dev/null)
+rpm_files=$(rpm -qpl "$rpm_file" 2>/dev/null)
+echo "$rpm_info" | grep -qx "/etc/secoda-agent/agent.toml" || fail "agent.toml is not %config"
 rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file" | grep -q "^cn /etc/secoda-agent/agent.toml" \
     || fail "agent.toml is not %config(noreplace)"
 for f in /usr/bin/secoda-agent /usr/lib/systemd/system/secoda-agent.service /usr/share/man/man8/secoda-agent.8.gz; do
-    echo "$rpm_info" | grep -qx "$f" || fail "$f missing from the rpm"
+    echo "$rpm_files" | grep -qx "$f" || fail "$f missing from the rpm"
 done
 echo "$rpm_info" | grep -q "useradd --system" || fail "%pre does not create the user"
 echo "$rpm_info" | grep -q "try-restart secoda-agent.service" || fail "%postun does not restart on upgrade"
@@ -63,7 +63,9 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-cp "$deb" "$root/tmp/"
+cp "$deb" "$root/root/"
+# debootstrap writes no /etc/hosts; every real host has one (the agent resolves "localhost").
+[ -s "$root/etc/hosts" ] || printf '127.0.0.1 localhost\n::1 localhost ip6-localhost\n' > "$root/etc/hosts"
 
 start_test_sshd "$work"
 listen_port=$(free_port)
@@ -79,31 +81,37 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 [ -n "$init_pid" ] || fail "container did not boot: $(cat "$work/nspawn.log")"
-in() { nsenter -t "$init_pid" -a "$@"; }
-in systemctl is-system-running --wait >/dev/null || true
+inside() { nsenter -t "$init_pid" -a "$@"; }
+# `systemctl status` exits 3 for a unit that is not active yet; only its text matters here.
+unit_status() { inside systemctl status secoda-agent --no-pager -l -n 20 2>&1 || true; }
+for _ in $(seq 1 100); do
+    state=$(inside systemctl is-system-running 2>/dev/null || true)
+    case "$state" in running|degraded) break ;; esac
+    sleep 0.1
+done
 ok "booted (init pid $init_pid)"
 
 step "install"
-in env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/"$(basename "$deb")" >/dev/null
-in getent passwd secoda-agent >/dev/null || fail "no secoda-agent user"
-[ "$(in stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent: $(in stat -c '%U:%G %a' /etc/secoda-agent)"
-[ "$(in stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml permissions"
-[ "$(in systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install"
-[ "$(in systemctl is-active secoda-agent || true)" = "inactive" ] || fail "started on install"
+inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/"$(basename "$deb")" >/dev/null
+inside getent passwd secoda-agent >/dev/null || fail "no secoda-agent user"
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent: $(inside stat -c '%U:%G %a' /etc/secoda-agent)"
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml permissions"
+[ "$(inside systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install"
+[ "$(inside systemctl is-active secoda-agent || true)" = "inactive" ] || fail "started on install"
 ok "installed: user, permissions, not enabled, not started"
 
-verify=$(in systemd-analyze verify /lib/systemd/system/secoda-agent.service 2>&1 || true)
+verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service 2>&1 || true)
 [ -z "$verify" ] || fail "systemd-analyze verify: $verify"
-exposure=$(in systemd-analyze security secoda-agent 2>&1 | sed -n 's/.*Overall exposure level for secoda-agent.service: \([0-9.]*\).*/\1/p')
+exposure=$(inside systemd-analyze security secoda-agent 2>&1 | sed -n 's/.*Overall exposure level for secoda-agent.service: \([0-9.]*\).*/\1/p')
 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 1.5) }' || fail "exposure $exposure > 1.5"
 ok "systemd-analyze verify clean, security exposure $exposure"
 
 step "configure and start (server down: must stay activating)"
-in mkdir -p /srv/www
+inside mkdir -p /srv/www
 echo "hello from inside the container" > "$root/srv/www/index.html"
-in busybox httpd -p "127.0.0.1:$web_port" -h /srv/www
+inside busybox httpd -p "127.0.0.1:$web_port" -h /srv/www
 install -m 0600 "$AGENT_KEY" "$root/etc/secoda-agent/id_ed25519"
-in chown secoda-agent:secoda-agent /etc/secoda-agent/id_ed25519
+inside chown secoda-agent:secoda-agent /etc/secoda-agent/id_ed25519
 write_config() {
     cat > "$root/etc/secoda-agent/agent.toml" <<CFG
 [tunnel]
@@ -123,75 +131,75 @@ kill "$SSHD_PID"; wait "$SSHD_PID" 2>/dev/null || true
 # A short watchdog for the SIGSTOP check below.
 mkdir -p "$root/etc/systemd/system/secoda-agent.service.d"
 printf '[Service]\nWatchdogSec=4s\n' > "$root/etc/systemd/system/secoda-agent.service.d/test.conf"
-in systemctl daemon-reload
-in systemctl enable secoda-agent >/dev/null 2>&1
-in systemctl start --no-block secoda-agent
+inside systemctl daemon-reload
+inside systemctl enable secoda-agent >/dev/null 2>&1
+inside systemctl start --no-block secoda-agent
 sleep 3
-[ "$(in systemctl is-active secoda-agent || true)" = "activating" ] || fail "not 'activating' while the server is down: $(in systemctl is-active secoda-agent)"
-in systemctl status secoda-agent --no-pager | grep -q 'Status: "reconnecting in' || fail "no reconnecting STATUS"
+[ "$(inside systemctl is-active secoda-agent || true)" = "activating" ] || fail "not 'activating' while the server is down: $(inside systemctl is-active secoda-agent)"
+unit_status | grep -q 'Status: "reconnecting in' || fail "no reconnecting STATUS: $(unit_status)"
 ok "activating, STATUS says reconnecting, while the server is down"
 
 start_test_sshd "$work"
 for _ in $(seq 1 150); do
-    [ "$(in systemctl is-active secoda-agent || true)" = "active" ] && break
+    [ "$(inside systemctl is-active secoda-agent || true)" = "active" ] && break
     sleep 0.2
 done
-[ "$(in systemctl is-active secoda-agent)" = "active" ] || fail "did not become active"
+[ "$(inside systemctl is-active secoda-agent)" = "active" ] || fail "did not become active"
 (exec 3<>"/dev/tcp/127.0.0.1/$listen_port") 2>/dev/null || fail "active but the listen port is not open"
-in systemctl status secoda-agent --no-pager | grep -q "Status: \"connected to 127.0.0.1:$SSH_PORT, listening on 127.0.0.1:$listen_port" \
-    || fail "no connected STATUS: $(in systemctl status secoda-agent --no-pager)"
+unit_status | grep -q "Status: \"connected to 127.0.0.1:$SSH_PORT, listening on 127.0.0.1:$listen_port" \
+    || fail "no connected STATUS: $(unit_status)"
 ok "active once the tunnel is up, STATUS connected"
 
 page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/")
 [ "$page" = "hello from inside the container" ] || fail "curl through the tunnel: $page"
 ok "curl through the tunnel reaches the service inside"
 
-in journalctl -u secoda-agent TUNNEL_HOST=127.0.0.1 LISTEN_PORT="$listen_port" --no-pager -q | grep -q "tunnel up" \
+inside journalctl -u secoda-agent TUNNEL_HOST=127.0.0.1 LISTEN_PORT="$listen_port" --no-pager -q | grep -q "tunnel up" \
     || fail "no structured 'tunnel up' entry"
-in journalctl -u secoda-agent TARGET="localhost:$web_port" -o verbose --no-pager -q | grep -q "BYTES_FROM_TARGET=" \
+inside journalctl -u secoda-agent TARGET="localhost:$web_port" -o verbose --no-pager -q | grep -q "BYTES_FROM_TARGET=" \
     || fail "no structured channel entry"
 ok "journal has the structured fields"
 
 step "reload"
 echo "this is not toml" > "$root/etc/secoda-agent/agent.toml"
-if in systemctl reload secoda-agent 2>/dev/null; then fail "reload with a broken config succeeded"; fi
-pid=$(in systemctl show -p MainPID --value secoda-agent)
-in /bin/sh -c "kill -HUP $pid"
+if inside systemctl reload secoda-agent 2>/dev/null; then fail "reload with a broken config succeeded"; fi
+pid=$(inside systemctl show -p MainPID --value secoda-agent)
+inside /bin/sh -c "kill -HUP $pid"
 sleep 1
-[ "$(in systemctl is-active secoda-agent)" = "active" ] || fail "not active after a broken reload"
-in systemctl status secoda-agent --no-pager | grep -q 'Status: "config reload failed' || fail "STATUS does not say the reload failed"
+[ "$(inside systemctl is-active secoda-agent)" = "active" ] || fail "not active after a broken reload"
+unit_status | grep -q 'Status: "config reload failed' || fail "STATUS does not say the reload failed: $(unit_status)"
 page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/")
 [ "$page" = "hello from inside the container" ] || fail "the old config stopped serving"
 write_config
-in systemctl reload secoda-agent
+inside systemctl reload secoda-agent
 ok "broken config refused by reload; the old config keeps serving"
 
 step "watchdog"
-old_pid=$(in systemctl show -p MainPID --value secoda-agent)
-in /bin/sh -c "kill -STOP $old_pid"
+old_pid=$(inside systemctl show -p MainPID --value secoda-agent)
+inside /bin/sh -c "kill -STOP $old_pid"
 for _ in $(seq 1 100); do
-    new_pid=$(in systemctl show -p MainPID --value secoda-agent)
-    [ "$new_pid" != "$old_pid" ] && [ "$new_pid" != 0 ] && [ "$(in systemctl is-active secoda-agent || true)" = active ] && break
+    new_pid=$(inside systemctl show -p MainPID --value secoda-agent)
+    [ "$new_pid" != "$old_pid" ] && [ "$new_pid" != 0 ] && [ "$(inside systemctl is-active secoda-agent || true)" = active ] && break
     sleep 0.2
 done
 [ "$new_pid" != "$old_pid" ] || fail "the watchdog did not restart a stopped agent"
-in journalctl -u secoda-agent --no-pager -q | grep -qi "watchdog timeout" || fail "no watchdog timeout in the journal"
+inside journalctl -u secoda-agent --no-pager -q | grep -qi "watchdog timeout" || fail "no watchdog timeout in the journal"
 ok "SIGSTOP: the watchdog restarted the agent (pid $old_pid -> $new_pid)"
 
 step "upgrade restarts a running agent"
-before=$(in systemctl show -p MainPID --value secoda-agent)
-in env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /tmp/"$(basename "$deb")" >/dev/null
-after=$(in systemctl show -p MainPID --value secoda-agent)
+before=$(inside systemctl show -p MainPID --value secoda-agent)
+inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/"$(basename "$deb")" >/dev/null
+after=$(inside systemctl show -p MainPID --value secoda-agent)
 [ "$before" != "$after" ] || fail "not restarted on upgrade"
 grep -q "listen_port = $listen_port" "$root/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the operator's config"
 ok "upgrade restarted the agent and kept the config"
 
 step "purge"
-in env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q secoda-agent >/dev/null
+inside env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q secoda-agent >/dev/null
 for p in /etc/secoda-agent /usr/bin/secoda-agent /lib/systemd/system/secoda-agent.service /usr/share/doc/secoda-agent; do
     [ ! -e "$root$p" ] || fail "$p left behind after purge"
 done
-[ "$(in systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after purge"
+[ "$(inside systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after purge"
 ok "purge leaves nothing behind"
 
 echo

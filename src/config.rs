@@ -542,7 +542,7 @@ impl Config {
              client key:    {key}\n\
              host key pins: {pins}\n\
              keepalive:     every {ki:?}, dead after {km} unanswered\n\
-             forward:       connect timeout {ct:?}, at most {mc} connections, {mp} bytes pending per channel\n\
+             forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel\n\
              policy:        {policy}\n\
              shutdown:      channels drain for up to {st:?}\n\
              log level:     {lvl}",
@@ -558,11 +558,20 @@ impl Config {
             km = t.keepalive_max,
             ct = f.connect_timeout,
             mc = f.max_connections,
-            mp = f.max_pending,
+            mp = show_size(f.max_pending),
             policy = f.policy,
             st = f.shutdown_timeout,
             lvl = self.log.level,
         )
+    }
+}
+
+fn show_size(n: u64) -> String {
+    match n {
+        n if n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
+        n if n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n if n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        n => format!("{n} bytes"),
     }
 }
 

@@ -2,7 +2,6 @@
 //! differently, each message saying what to check. None of these is fatal: the supervisor
 //! retries them all.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -13,10 +12,11 @@ pub enum TunnelError {
     #[error("outbound connection to {server} timed out: an outbound firewall may block it; Secoda can move the tunnel to an allow-listed port")]
     ConnectTimeout { server: String },
 
-    #[error("outbound connection to {server} ({addr}) failed: {reason} (is the port right, and is outbound traffic to it allowed?)")]
+    /// `via` is " (ADDRESS)" when the server was named by a host name, else empty.
+    #[error("outbound connection to {server}{via} failed: {reason} (is the port right, and is outbound traffic to it allowed?)")]
     Connect {
         server: String,
-        addr: SocketAddr,
+        via: String,
         reason: String,
     },
 

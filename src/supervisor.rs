@@ -44,6 +44,8 @@ struct Supervisor {
     failures: FailureLog,
     session: Option<Session>,
     last_status: String,
+    /// Set while the last reload failed: STATUS keeps saying so until a reload succeeds.
+    reload_error: Option<String>,
 }
 
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
@@ -57,6 +59,7 @@ pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Co
         failures: FailureLog::default(),
         session: None,
         last_status: String::new(),
+        reload_error: None,
     };
     sup.main_loop().await;
 }
@@ -76,8 +79,11 @@ impl Supervisor {
 
     /// One attempt to bring the tunnel up, and the wait after a failure.
     async fn connect(&mut self) -> Flow {
-        let t = &self.cfg.tunnel;
-        self.set_status(format!("connecting to {}:{}", t.host, t.port));
+        // While failures repeat, STATUS keeps saying the last one rather than "connecting".
+        if self.failures.last.is_none() {
+            let t = &self.cfg.tunnel;
+            self.set_status(format!("connecting to {}:{}", t.host, t.port));
+        }
         let attempt = tunnel::establish(&self.cfg.tunnel, self.fwd.clone());
         let result = tokio::select! {
             r = attempt => r,
@@ -122,7 +128,7 @@ impl Supervisor {
                 e = session.closed() => break e,
                 c = self.control.recv() => return self.on_control(c).await,
                 _ = refresh.tick() => {
-                    let status = connected_status(&self.cfg, session);
+                    let status = status_line(&self.cfg, session, self.reload_error.as_deref());
                     if status != self.last_status {
                         systemd::status(&status);
                         self.last_status = status;
@@ -181,8 +187,13 @@ impl Supervisor {
                     .first()
                     .map(String::as_str)
                     .unwrap_or("invalid configuration");
-                let status =
+                let note =
                     format!("config reload failed: {first}; running with the previous config");
+                let status = match &self.session {
+                    Some(s) => status_line(&self.cfg, s, Some(&note)),
+                    None => note.clone(),
+                };
+                self.reload_error = Some(note);
                 self.last_status = status.clone();
                 systemd::ready(&status);
                 return;
@@ -191,6 +202,7 @@ impl Supervisor {
         for w in &new.warnings {
             log::warn!("{w}");
         }
+        self.reload_error = None;
         logging::set_level(self.opts.log_level.unwrap_or(new.log.level));
         self.fwd.update(new.forward.clone());
         let tunnel_changed = new.tunnel != self.cfg.tunnel;
@@ -213,9 +225,10 @@ impl Supervisor {
         } else {
             log::info!("configuration reloaded; forward settings apply to new channels, open channels are untouched");
             let status = match &self.session {
-                Some(s) => connected_status(&self.cfg, s),
+                Some(s) => status_line(&self.cfg, s, None),
                 None => self.last_status.clone(),
             };
+            self.last_status = status.clone();
             systemd::ready(&status);
         }
     }
@@ -243,12 +256,16 @@ impl Supervisor {
 
     fn connected_status(&self) -> String {
         match &self.session {
-            Some(s) => connected_status(&self.cfg, s),
+            Some(s) => status_line(&self.cfg, s, self.reload_error.as_deref()),
             None => String::new(),
         }
     }
 
     fn set_status(&mut self, status: String) {
+        let status = match &self.reload_error {
+            Some(note) => format!("{note}; {status}"),
+            None => status,
+        };
         if status != self.last_status {
             systemd::status(&status);
             self.last_status = status;
@@ -256,15 +273,20 @@ impl Supervisor {
     }
 }
 
-fn connected_status(cfg: &Config, s: &Session) -> String {
+/// The STATUS line while connected, after the note of a failed reload if there is one.
+fn status_line(cfg: &Config, s: &Session, note: Option<&str>) -> String {
     let (addr, port) = &s.listen;
     let n = s.open_channels();
-    format!(
+    let line = format!(
         "connected to {}:{}, listening on {addr}:{port}, {n} active connection{}",
         cfg.tunnel.host,
         cfg.tunnel.port,
         if n == 1 { "" } else { "s" }
-    )
+    );
+    match note {
+        Some(note) => format!("{note}; {line}"),
+        None => line,
+    }
 }
 
 /// Logs a failure at every attempt for the first few, then only a periodic summary, so a

@@ -201,6 +201,16 @@ impl client::Handler for Client {
     }
 }
 
+/// " (ADDRESS)" when `server` names a host rather than that address.
+fn via(server: &str, addr: std::net::SocketAddr) -> String {
+    let shown = addr.to_string();
+    if shown == server {
+        String::new()
+    } else {
+        format!(" ({shown})")
+    }
+}
+
 pub fn fingerprint(key: &PublicKey) -> String {
     format!(
         "{} {}",
@@ -293,7 +303,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
             Ok(Err(e)) => {
                 last = TunnelError::Connect {
                     server: server.clone(),
-                    addr,
+                    via: via(&server, addr),
                     reason: e.to_string(),
                 }
             }
@@ -307,7 +317,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     let tcp = tcp.ok_or(last)?;
     tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
         server: server.clone(),
-        addr: tcp.peer_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+        via: String::new(),
         reason: e.to_string(),
     })?;
 
