@@ -183,7 +183,12 @@ for _ in $(seq 1 100); do
     sleep 0.2
 done
 [ "$new_pid" != "$old_pid" ] || fail "the watchdog did not restart a stopped agent"
-inside journalctl -u secoda-agent --no-pager -q | grep -qi "watchdog timeout" || fail "no watchdog timeout in the journal"
+for _ in $(seq 1 50); do
+    inside journalctl -u secoda-agent --no-pager -q | grep -qi "watchdog timeout" && break
+    sleep 0.2
+done
+inside journalctl -u secoda-agent --no-pager -q | grep -qi "watchdog timeout" \
+    || fail "no watchdog timeout in the journal: $(inside journalctl -u secoda-agent --no-pager -q -n 30)"
 ok "SIGSTOP: the watchdog restarted the agent (pid $old_pid -> $new_pid)"
 
 step "upgrade restarts a running agent"

@@ -244,10 +244,12 @@ async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) 
 
 fn ssh_config(t: &TunnelConfig) -> client::Config {
     client::Config {
-        // russh's own keepalive: ping when the server has been quiet for this long, give up
-        // after keepalive_max unanswered (OpenSSH's ServerAliveInterval/CountMax).
+        // russh's own keepalive: ping when the server has been quiet for keepalive_interval.
+        // russh gives up when the timer fires with more than `keepalive_max` pings unanswered,
+        // i.e. after interval x (max + 1); we promise interval x max, so pass max - 1 (russh
+        // reads 0 as "never", hence at least 1).
         keepalive_interval: Some(t.keepalive_interval),
-        keepalive_max: t.keepalive_max as usize,
+        keepalive_max: (t.keepalive_max as usize).saturating_sub(1).max(1),
         window_size: SSH_WINDOW_SIZE,
         maximum_packet_size: SSH_MAX_PACKET_SIZE,
         nodelay: true,

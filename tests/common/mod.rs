@@ -55,6 +55,20 @@ pub struct Sshd {
     pub user: String,
     extra_config: String,
     child: Option<Child>,
+    netns: Option<String>,
+}
+
+/// `program` run inside network namespace `netns`, or directly. `ip netns exec` execs the
+/// program, so the child's pid is the program's.
+pub fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Sshd {
@@ -64,6 +78,11 @@ impl Sshd {
 
     /// `extra_config` lines are added to sshd_config.
     pub fn start_with(extra_config: &str) -> Sshd {
+        Self::start_in(None, extra_config)
+    }
+
+    /// An sshd inside network namespace `netns` (see [`NetNs`]).
+    pub fn start_in(netns: Option<&str>, extra_config: &str) -> Sshd {
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd (tests run as root)");
         let dir = tempfile::Builder::new()
             .prefix("sa-sshd")
@@ -85,6 +104,7 @@ impl Sshd {
             user: user(),
             extra_config: extra_config.to_string(),
             child: None,
+            netns: netns.map(String::from),
         };
         sshd.spawn_on_free_port();
         sshd
@@ -118,7 +138,7 @@ impl Sshd {
     fn spawn(&mut self) -> bool {
         self.write_config();
         let log = std::fs::File::create(self.dir.path().join("sshd.log")).unwrap();
-        let child = Command::new(SSHD)
+        let child = command_in(self.netns.as_deref(), SSHD)
             .arg("-D")
             .arg("-e")
             .arg("-f")
@@ -131,7 +151,7 @@ impl Sshd {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.log().contains("Server listening on") {
                 return true;
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -229,6 +249,34 @@ pub struct Agent {
     pub child: Child,
     notify: Arc<Mutex<Vec<String>>>,
     output: Arc<Mutex<String>>,
+    /// Private key material this agent was given; none of it may ever appear in its output.
+    secrets: Vec<String>,
+}
+
+/// The private key material in a config: the body lines of key files it names, and
+/// base64-encoded keys it holds.
+fn secrets_in(text: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    for line in text.lines() {
+        let value = line
+            .split_once('=')
+            .map(|(_, v)| v.trim().trim_matches('"').to_string());
+        let Some(value) = value else { continue };
+        if line.trim_start().starts_with("key_file") {
+            if let Ok(key) = std::fs::read_to_string(&value) {
+                secrets.extend(
+                    key.lines()
+                        .filter(|l| l.len() > 20 && !l.starts_with("-----"))
+                        .map(String::from),
+                );
+            }
+        } else if (line.contains("KEY_BASE64") || line.trim_start().starts_with("key_base64"))
+            && value.len() > 20
+        {
+            secrets.push(value);
+        }
+    }
+    secrets
 }
 
 pub fn agent_bin() -> &'static str {
@@ -242,6 +290,20 @@ impl Agent {
     }
 
     pub fn start_with(toml: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Self::start_in(None, toml, args, env)
+    }
+
+    /// The agent inside network namespace `netns`.
+    pub fn start_in(netns: Option<&str>, toml: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut secrets = secrets_in(toml);
+        for (k, v) in env {
+            secrets.extend(secrets_in(&format!("{k}={v}")));
+        }
+        if let Some(i) = args.iter().position(|a| *a == "--env-file") {
+            secrets.extend(secrets_in(
+                &std::fs::read_to_string(args[i + 1]).unwrap_or_default(),
+            ));
+        }
         let dir = tempfile::Builder::new()
             .prefix("sa-agent")
             .tempdir()
@@ -261,7 +323,7 @@ impl Agent {
                     .push(String::from_utf8_lossy(&buf[..len]).to_string());
             }
         });
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = command_in(netns, agent_bin());
         cmd.arg("run");
         if !toml.is_empty() {
             cmd.arg("--config").arg(&config);
@@ -298,6 +360,7 @@ impl Agent {
             child,
             notify,
             output,
+            secrets,
         }
     }
 
@@ -386,10 +449,78 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Open file descriptors of the agent process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            // Every test that runs an agent also checks that no key material leaked.
+            std::thread::sleep(Duration::from_millis(50));
+            let out = self.output();
+            for s in &self.secrets {
+                assert!(
+                    !out.contains(s.as_str()),
+                    "private key material in the agent's output"
+                );
+            }
+        }
+    }
+}
+
+/// A network namespace with loopback up, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("sa-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success(),
+            "ip netns add (tests run as root)"
+        );
+        assert!(Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        NetNs { name }
+    }
+
+    /// Run a command inside; panics if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = command_in(Some(&self.name), args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

@@ -1,0 +1,236 @@
+//! Faults: a black-holed server, targets that misbehave, reload storms. Every surviving
+//! transfer is checked byte for byte.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The server stays up but its packets vanish (nft drop inside a private network namespace):
+/// the agent must declare the session dead within keepalive_interval x keepalive_max, come
+/// back as soon as packets flow, and leak no file descriptor.
+#[tokio::test]
+async fn a_black_holed_server_is_declared_dead_and_the_tunnel_returns() {
+    let ns = NetNs::new("blackhole");
+    let sshd = Sshd::start_in(Some(&ns.name), "");
+    let listen = 10123;
+    // keepalive 2s x 3: dead within 6s of silence.
+    let agent = Agent::start_in(Some(&ns.name), &sshd.agent_toml(listen, ""), &[], &[]);
+    agent.wait_ready().await;
+    let fds_before = agent.fd_count();
+
+    let port = sshd.port.to_string();
+    ns.run(&["nft", "add", "table", "inet", "blackhole"]);
+    ns.run(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "blackhole",
+        "input",
+        "{ type filter hook input priority 0 ; }",
+    ]);
+    ns.run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "blackhole",
+        "input",
+        "tcp",
+        "dport",
+        &port,
+        "drop",
+    ]);
+    ns.run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "blackhole",
+        "input",
+        "tcp",
+        "sport",
+        &port,
+        "drop",
+    ]);
+    let cut = Instant::now();
+    let seen = agent.notifications().len();
+    assert!(
+        agent
+            .wait_output("tunnel lost", Duration::from_secs(15))
+            .await,
+        "{}",
+        agent.output()
+    );
+    let dead_after = cut.elapsed();
+    assert!(
+        agent.output().contains("stopped answering keepalives"),
+        "{}",
+        agent.output()
+    );
+    // 6 s of keepalives, plus up to one interval for the silence to start counting.
+    assert!(
+        dead_after <= Duration::from_secs(9),
+        "declared dead only after {dead_after:?}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ns.run(&["nft", "delete", "table", "inet", "blackhole"]);
+    agent.wait_ready_from(seen).await;
+    // Served again: curl from inside the namespace to a web server inside it.
+    std::fs::write(agent.dir.path().join("index.html"), "back").unwrap();
+    let mut web = command_in(Some(&ns.name), "python3")
+        .args([
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(agent.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = "http://localhost:8080/index.html";
+    let proxy = format!("127.0.0.1:{listen}");
+    let fetched = eventually(Duration::from_secs(10), || async {
+        let out = command_in(Some(&ns.name), "curl")
+            .args(["-sS", "--max-time", "5", "--socks5-hostname", &proxy, url])
+            .output()
+            .unwrap();
+        out.stdout == b"back"
+    })
+    .await;
+    let _ = web.kill();
+    let _ = web.wait();
+    assert!(
+        fetched,
+        "no page through the tunnel after the black hole; {}",
+        agent.output()
+    );
+    let fds_after = agent.fd_count();
+    assert!(
+        fds_after <= fds_before,
+        "file descriptors leaked: {fds_before} before, {fds_after} after"
+    );
+}
+
+/// 100 SIGHUP reloads while 50 transfers run: the tunnel settings do not change, so no
+/// transfer may be cut.
+#[tokio::test]
+async fn a_hundred_reloads_cut_none_of_fifty_transfers() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    agent.wait_ready().await;
+    let echo = echo_server().await;
+    let mut transfers = Vec::new();
+    for i in 0..50u64 {
+        transfers.push(tokio::spawn(async move {
+            let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+            if code != 0 {
+                return false;
+            }
+            let (mut r, mut w) = s.unwrap().into_split();
+            let data = payload(2 << 20, i);
+            let sum = checksum(&data);
+            let reader = tokio::spawn(async move {
+                let mut back = Vec::new();
+                r.read_to_end(&mut back).await.ok().map(|_| checksum(&back))
+            });
+            for c in data.chunks(64 * 1024) {
+                w.write_all(c).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            w.shutdown().await.unwrap();
+            reader.await.unwrap() == Some(sum)
+        }));
+    }
+    for _ in 0..100 {
+        agent.signal(libc::SIGHUP);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ok = 0;
+    for t in transfers {
+        ok += t.await.unwrap() as usize;
+    }
+    assert_eq!(ok, 50, "transfers cut by reloads: {}", 50 - ok);
+    assert!(agent.output().matches("reloading configuration").count() >= 50);
+    assert!(!agent.output().contains("tunnel lost"));
+}
+
+/// A target that resets mid-stream ends its own channel only.
+#[tokio::test]
+async fn a_target_reset_mid_stream_ends_only_its_channel() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    agent.wait_ready().await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 1000];
+        let _ = s.read_exact(&mut buf).await;
+        // RST instead of FIN.
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    });
+    let echo = echo_server().await;
+    let (_, steady) = socks5(listen, "127.0.0.1", echo.port()).await;
+    let (code, s) = socks5(listen, "127.0.0.1", port).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let _ = s.write_all(&payload(100_000, 1)).await;
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    assert!(echo_roundtrip(steady.unwrap(), &payload(500_000, 2)).await);
+    assert!(!agent.output().contains("tunnel lost"));
+}
+
+/// A slow reader receives everything, byte-exact, and the tunnel stays healthy meanwhile.
+#[tokio::test]
+async fn a_slow_reading_client_gets_every_byte() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    agent.wait_ready().await;
+    // A target that sends 8 MiB as fast as it can.
+    let data = payload(8 << 20, 4);
+    let sum = checksum(&data);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(&data).await.unwrap();
+    });
+    let (code, s) = socks5(listen, "127.0.0.1", port).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    // Slow at first (the SSH window and the transport backlog hold the target back)...
+    for _ in 0..10 {
+        let n = s.read(&mut buf).await.unwrap();
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...meanwhile other channels are served...
+    assert_serves(listen).await;
+    // ...then the rest.
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(checksum(&got), sum);
+}
+
+async fn assert_serves(listen: u16) {
+    let echo = echo_server().await;
+    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
+    assert!(echo_roundtrip(s.unwrap(), b"still served").await);
+}
