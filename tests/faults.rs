@@ -178,7 +178,7 @@ async fn a_target_reset_mid_stream_ends_only_its_channel() {
         let mut buf = [0u8; 1000];
         let _ = s.read_exact(&mut buf).await;
         // RST instead of FIN.
-        s.set_linger(Some(Duration::ZERO)).unwrap();
+        s.set_zero_linger().unwrap();
         drop(s);
     });
     let echo = echo_server().await;
