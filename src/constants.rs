@@ -47,12 +47,18 @@ pub const REPEAT_LOG_LIMIT: u32 = 3;
 
 /// SSH flow control. A 16 MiB window per channel keeps a loopback or LAN link full;
 /// 32 KiB packets match OpenSSH's channel packet size.
-pub const SSH_WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+pub const SSH_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// Channel tasks stop producing output for the server while this much is already waiting in
 /// the transport's buffer (see transport.rs): bounds memory without ever blocking the session.
 pub const SSH_BACKLOG_HIGH: usize = 4 * 1024 * 1024;
+/// One read from the SSH socket takes up to this much (russh then reads it in small pieces).
+pub const SSH_READ_BUFFER: usize = 256 * 1024;
+/// Reads from the SSH server shorter than this re-arm TCP_QUICKACK (see transport.rs).
+pub const QUICKACK_BELOW: usize = 16 * 1024;
+/// Server -> target: queued packets are joined into writes of up to this size.
+pub const SPLICE_BATCH: usize = 256 * 1024;
 /// Read buffer for target -> server copies: one SSH packet's worth at a time.
-pub const SPLICE_BUFFER_SIZE: usize = 32 * 1024;
+pub const SPLICE_BUFFER_SIZE: usize = 128 * 1024;
 /// A config file larger than this is refused before it is parsed.
 pub const MAX_CONFIG_FILE_SIZE: u64 = 1024 * 1024;

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
 use russh::ChannelWriteHalf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::ForwardConfig;
-use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BUFFER_SIZE};
+use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE};
 use crate::socks::{self, Host, Reply, Request};
 use crate::transport::Backlog;
 
@@ -117,6 +117,25 @@ impl ChannelInput {
                 None
             }
             None => None,
+        }
+    }
+
+    /// More data if it is already queued, without waiting (EOF and overflow are recorded).
+    fn try_next_data(&mut self) -> Option<Bytes> {
+        if self.eof || self.overflow.is_some() {
+            return None;
+        }
+        match self.rx.try_recv() {
+            Ok(Inbound::Data(b)) => Some(b),
+            Ok(Inbound::Eof) => {
+                self.eof = true;
+                None
+            }
+            Ok(Inbound::Overflow(n)) => {
+                self.overflow = Some(n);
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -463,10 +482,26 @@ async fn splice<W: AsyncWrite + Unpin>(
         // Server -> target. After the server's EOF it keeps watching the inbox, so that a
         // close from the server is seen even while the other direction is still busy.
         let up = async {
+            // What has queued up meanwhile goes out in one write: one system call per batch
+            // instead of one per SSH packet.
+            let mut batch = BytesMut::new();
             while let Some(chunk) = input.next_chunk().await {
-                tw.write_all(&chunk).await?;
-                input.consumed(chunk.len());
-                to_target.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                let mut data = chunk;
+                if let Some(more) = input.try_next_data() {
+                    batch.clear();
+                    batch.extend_from_slice(&data);
+                    batch.extend_from_slice(&more);
+                    while batch.len() < SPLICE_BATCH {
+                        match input.try_next_data() {
+                            Some(b) => batch.extend_from_slice(&b),
+                            None => break,
+                        }
+                    }
+                    data = batch.split().freeze();
+                }
+                tw.write_all(&data).await?;
+                input.consumed(data.len());
+                to_target.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             if input.eof {
                 server_eof.store(true, Ordering::Relaxed);

@@ -8,7 +8,11 @@
 //!    whenever the session polls for reading (which it always does while idle), woken by
 //!    write readiness. The buffer is kept small at the source instead: channel tasks wait on
 //!    the [`Backlog`] before producing more (see `forward.rs`), so memory stays bounded.
-//! 2. **Knowing whether the server spoke at all**, so a silent server (firewall, "stuck on the
+//! 2. **No delayed-ACK stalls.** sshd leaves Nagle on for forwarded channels, so a small
+//!    reply (a SOCKS answer, a query result) waits in sshd until our delayed ACK (~40 ms)
+//!    arrives. Re-arming `TCP_QUICKACK` after each small read makes us ACK at once; large
+//!    reads (bulk data) skip the system call, keeping the fast path cheap.
+//! 3. **Knowing whether the server spoke at all**, so a silent server (firewall, "stuck on the
 //!    version number") is told apart from a slow handshake.
 
 use std::io;
@@ -23,7 +27,7 @@ use tokio::net::TcpStream;
 
 use tokio::sync::Notify;
 
-use crate::constants::SSH_BACKLOG_HIGH;
+use crate::constants::{QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_READ_BUFFER};
 
 /// How many bytes wait in the transport's buffer, for channel tasks to pace themselves on.
 #[derive(Default)]
@@ -57,6 +61,9 @@ pub struct Transport {
     pending: BytesMut,
     backlog: Arc<Backlog>,
     heard: Arc<AtomicBool>,
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rlen: usize,
 }
 
 impl Transport {
@@ -66,6 +73,9 @@ impl Transport {
             pending: BytesMut::new(),
             backlog,
             heard,
+            rbuf: vec![0u8; SSH_READ_BUFFER].into_boxed_slice(),
+            rpos: 0,
+            rlen: 0,
         }
     }
 
@@ -99,12 +109,30 @@ impl AsyncRead for Transport {
         if let Poll::Ready(Err(e)) = self.drain(cx) {
             return Poll::Ready(Err(e));
         }
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.heard.store(true, Ordering::Relaxed);
+        // russh reads each packet's header and body separately; serve those small reads from
+        // one large socket read instead of a system call each.
+        if self.rpos == self.rlen {
+            let this = &mut *self;
+            let mut rb = ReadBuf::new(&mut this.rbuf);
+            match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            let n = rb.filled().len();
+            (this.rpos, this.rlen) = (0, n);
+            if n > 0 {
+                this.heard.store(true, Ordering::Relaxed);
+                if n < QUICKACK_BELOW {
+                    // Best effort: a failure only costs latency.
+                    let _ = socket2::SockRef::from(&this.tcp).set_tcp_quickack(true);
+                }
+            }
         }
-        r
+        let this = &mut *self;
+        let n = buf.remaining().min(this.rlen - this.rpos);
+        buf.put_slice(&this.rbuf[this.rpos..this.rpos + n]);
+        this.rpos += n;
+        Poll::Ready(Ok(()))
     }
 }
 

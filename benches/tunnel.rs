@@ -1,0 +1,506 @@
+//! The agent against OpenSSH's own client (`ssh -N -R PORT`, what the Docker image runs)
+//! through the same sshd, in the same run, in alternating rounds; medians reported.
+//!
+//!     cargo bench --bench tunnel                 # full run (3 rounds; BENCH_ROUNDS=N)
+//!     BENCH_QUICK=1 cargo bench --bench tunnel   # small sizes, a smoke check
+//!
+//! Prints a table (agent, OpenSSH, ratio) and writes target/bench.json.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CIPHER: &str = "aes256-gcm@openssh.com";
+
+struct Scale {
+    bulk: u64,
+    connects: usize,
+    pings: usize,
+    fanout: usize,
+    fanout_size: usize,
+    rounds: usize,
+}
+
+fn scale() -> Scale {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut sc = if std::env::var_os("BENCH_QUICK").is_some() {
+        Scale {
+            bulk: 64 << 20,
+            connects: 50,
+            pings: 200,
+            fanout: 100,
+            fanout_size: 64 << 10,
+            rounds: 1,
+        }
+    } else {
+        Scale {
+            bulk: 1 << 30,
+            connects: 1000,
+            pings: 1000,
+            fanout: 1000,
+            fanout_size: 1 << 20,
+            rounds: 3,
+        }
+    };
+    if let Some(r) = env("BENCH_ROUNDS") {
+        sc.rounds = r as usize;
+    }
+    if let Some(m) = env("BENCH_BULK_MIB") {
+        sc.bulk = m << 20;
+    }
+    sc
+}
+
+/// The client side's services: a sink that answers with the byte count, a source that sends
+/// as many bytes as asked, an echo.
+struct Services {
+    sink: u16,
+    source: u16,
+    echo: u16,
+}
+
+async fn services() -> Services {
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let source = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ports = Services {
+        sink: sink.local_addr().unwrap().port(),
+        source: source.local_addr().unwrap().port(),
+        echo: echo_server().await.port(),
+    };
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; 256 << 10];
+                let mut n = 0u64;
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = source.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let Ok(mut left) = s.read_u64().await else {
+                    return;
+                };
+                let block = vec![0x5au8; 256 << 10];
+                while left > 0 {
+                    let k = left.min(block.len() as u64) as usize;
+                    if s.write_all(&block[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k as u64;
+                }
+            });
+        }
+    });
+    ports
+}
+
+/// A client under test: the agent or `ssh -N -R`. Dropping it stops the client.
+struct Client {
+    name: &'static str,
+    ssh: Option<Child>,
+    agent: Option<Agent>,
+}
+
+impl Client {
+    fn pid(&self) -> u32 {
+        match (&self.agent, &self.ssh) {
+            (Some(a), _) => a.child.id(),
+            (None, Some(c)) => c.id(),
+            (None, None) => 0,
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(c) = self.ssh.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_agent(sshd: &Sshd, listen: u16) -> Client {
+    // max_pending raised: the bench's sink shares two cores with the load generator, and
+    // russh re-opens the SSH window on arrival, not on consumption, so the default 8 MiB
+    // (about 11 ms at loopback speed) cuts a bulk upload whenever the sink is descheduled.
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        "[forward]\nmax_connections = 2048\nmax_pending = \"64MiB\"\n",
+    ));
+    Client {
+        name: "agent",
+        ssh: None,
+        agent: Some(agent),
+    }
+}
+
+fn start_openssh(sshd: &Sshd, listen: u16) -> Client {
+    let known = sshd.dir.path().join("known_hosts");
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{} {}\n", sshd.port, sshd.host_key),
+    )
+    .unwrap();
+    let child = Command::new("ssh")
+        .args([
+            "-N",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .args([
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
+            "-c",
+            CIPHER,
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .arg("-i")
+        .arg(&sshd.client_key)
+        .args([
+            "-p",
+            &sshd.port.to_string(),
+            "-R",
+            &format!("127.0.0.1:{listen}"),
+        ])
+        .arg(format!("{}@127.0.0.1", sshd.user))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Client {
+        name: "openssh",
+        ssh: Some(child),
+        agent: None,
+    }
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // After ')': state, ppid, ... utime is field 14 overall, i.e. index 11 here (state is not numeric).
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn wait_listening(port: u16) {
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await,
+        "the client never opened the listen port"
+    );
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[derive(Default, Clone)]
+struct Round {
+    upload_mibs: f64,
+    download_mibs: f64,
+    connect_p50_ms: f64,
+    connect_p99_ms: f64,
+    ping_p50_ms: f64,
+    ping_p99_ms: f64,
+    fanout_s: f64,
+    fanout_errors: usize,
+    cpu_s_per_gib: f64,
+    rss_idle_mib: f64,
+    rss_fanout_mib: f64,
+}
+
+async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
+    let pid = c.pid();
+    let mut r = Round::default();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.rss_idle_mib = rss_kib(pid) as f64 / 1024.0;
+
+    // Bulk, both ways, and the client's CPU for it.
+    let cpu0 = cpu_secs(pid);
+    let (code, s) = socks5(listen, "127.0.0.1", svc.sink).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let block = vec![0xa5u8; 256 << 10];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < sc.bulk {
+        s.write_all(&block).await.unwrap();
+        sent += block.len() as u64;
+    }
+    s.shutdown().await.unwrap();
+    assert_eq!(s.read_u64().await.unwrap(), sent);
+    r.upload_mibs = sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+
+    let (code, s) = socks5(listen, "127.0.0.1", svc.source).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let t = Instant::now();
+    s.write_u64(sc.bulk).await.unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    loop {
+        let k = s.read(&mut buf).await.unwrap();
+        if k == 0 {
+            break;
+        }
+        got += k as u64;
+    }
+    assert_eq!(got, sc.bulk);
+    r.download_mibs = got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+    r.cpu_s_per_gib = (cpu_secs(pid) - cpu0) / (2.0 * sc.bulk as f64 / (1u64 << 30) as f64);
+
+    // Connection setup: SOCKS5 by name to the first byte back.
+    let mut lat = Vec::with_capacity(sc.connects);
+    for _ in 0..sc.connects {
+        let t = Instant::now();
+        let (code, s) = socks5(listen, "localhost", svc.echo).await;
+        assert_eq!(code, 0);
+        let mut s = s.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    r.connect_p50_ms = percentile(&mut lat, 0.5);
+    r.connect_p99_ms = percentile(&mut lat, 0.99);
+
+    // Request/response on one open channel.
+    let (_, s) = socks5(listen, "127.0.0.1", svc.echo).await;
+    let mut s = s.unwrap();
+    let msg = [7u8; 100];
+    let mut back = [0u8; 100];
+    let mut lat = Vec::with_capacity(sc.pings);
+    for _ in 0..sc.pings {
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    r.ping_p50_ms = percentile(&mut lat, 0.5);
+    r.ping_p99_ms = percentile(&mut lat, 0.99);
+
+    // Fan-out: many concurrent checksummed channels; RSS sampled meanwhile.
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..sc.fanout {
+        let (echo, size) = (svc.echo, sc.fanout_size);
+        tasks.push(tokio::spawn(async move {
+            let data = payload(size, i as u64);
+            match socks5(listen, "127.0.0.1", echo).await {
+                (0, Some(s)) => echo_roundtrip(s, &data).await,
+                _ => false,
+            }
+        }));
+    }
+    for t in tasks {
+        if !t.await.unwrap_or(false) {
+            r.fanout_errors += 1;
+        }
+    }
+    r.fanout_s = t.elapsed().as_secs_f64();
+    sampler.abort();
+    let peak = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(rss_kib(pid));
+    r.rss_fanout_mib = peak as f64 / 1024.0;
+    r
+}
+
+fn median(v: Vec<f64>) -> f64 {
+    let mut v = v;
+    percentile(&mut v, 0.5)
+}
+
+fn loopback_ceiling(bytes: u64) -> f64 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        std::io::copy(&mut s, &mut std::io::sink()).unwrap()
+    });
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let block = vec![1u8; 256 << 10];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        std::io::Write::write_all(&mut c, &block).unwrap();
+        sent += block.len() as u64;
+    }
+    drop(c);
+    reader.join().unwrap();
+    sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn cipher_ceiling() -> Option<f64> {
+    let out = Command::new("openssl")
+        .args([
+            "speed",
+            "-seconds",
+            "2",
+            "-bytes",
+            "32768",
+            "-evp",
+            "aes-256-gcm",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.to_ascii_lowercase().starts_with("aes-256-gcm"))?;
+    let k: f64 = line
+        .split_whitespace()
+        .last()?
+        .trim_end_matches('k')
+        .parse()
+        .ok()?;
+    Some(k * 1000.0 / (1 << 20) as f64)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    raise_nofile();
+    let sc = scale();
+    // Both clients must use the same cipher: the server offers only this one.
+    let sshd = Sshd::start_with(&format!("Ciphers {CIPHER}\nMaxStartups 100\n"));
+    let svc = services().await;
+    let mut agent_rounds = Vec::new();
+    let mut ssh_rounds = Vec::new();
+    for round in 0..sc.rounds {
+        // Alternate who goes first, so drift on a noisy machine hits both alike.
+        let order: [bool; 2] = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for is_agent in order {
+            let listen = free_port();
+            let c = if is_agent {
+                start_agent(&sshd, listen)
+            } else {
+                start_openssh(&sshd, listen)
+            };
+            wait_listening(listen).await;
+            eprintln!("round {} {}", round + 1, c.name);
+            let r = measure(&c, listen, &svc, &sc).await;
+            if is_agent {
+                agent_rounds.push(r)
+            } else {
+                ssh_rounds.push(r)
+            }
+            drop(c);
+        }
+    }
+
+    type Pick = fn(&Round) -> f64;
+    let rows: [(&str, Pick); 11] = [
+        ("bulk upload, MiB/s (server -> target)", |r| r.upload_mibs),
+        ("bulk download, MiB/s (target -> server)", |r| {
+            r.download_mibs
+        }),
+        ("SOCKS5 connect to first byte, p50 ms", |r| r.connect_p50_ms),
+        ("SOCKS5 connect to first byte, p99 ms", |r| r.connect_p99_ms),
+        ("100-byte ping-pong, p50 ms", |r| r.ping_p50_ms),
+        ("100-byte ping-pong, p99 ms", |r| r.ping_p99_ms),
+        ("fan-out wall time, s", |r| r.fanout_s),
+        ("fan-out errors", |r| r.fanout_errors as f64),
+        ("client CPU s per GiB moved", |r| r.cpu_s_per_gib),
+        ("client RSS idle, MiB", |r| r.rss_idle_mib),
+        ("client peak RSS during fan-out, MiB", |r| r.rss_fanout_mib),
+    ];
+    let loopback = loopback_ceiling(sc.bulk.min(4 << 30));
+    let cipher = cipher_ceiling();
+    println!(
+        "\nsecoda-agent vs OpenSSH client, through one OpenSSH sshd, cipher {CIPHER} on both sides"
+    );
+    println!("medians of {} alternating rounds; bulk {} MiB each way; {} connects; {} pings; fan-out {} x {} KiB",
+        sc.rounds, sc.bulk >> 20, sc.connects, sc.pings, sc.fanout, sc.fanout_size >> 10);
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::env::consts::ARCH
+    );
+    println!("\n| measure | agent | OpenSSH | agent / OpenSSH |\n| --- | ---: | ---: | ---: |");
+    let mut json = Vec::new();
+    for (name, pick) in &rows {
+        let a = median(agent_rounds.iter().map(pick).collect());
+        let o = median(ssh_rounds.iter().map(pick).collect());
+        let ratio = if o > 0.0 {
+            format!("{:.2}", a / o)
+        } else {
+            "-".into()
+        };
+        println!("| {name} | {a:.2} | {o:.2} | {ratio} |");
+        json.push(format!(
+            "{{\"measure\":\"{name}\",\"agent\":{a:.4},\"openssh\":{o:.4}}}"
+        ));
+    }
+    println!(
+        "\nceilings in the same run: raw loopback TCP {loopback:.0} MiB/s; aes-256-gcm alone {}",
+        cipher
+            .map(|c| format!("{c:.0} MiB/s (openssl speed, 32 KiB blocks)"))
+            .unwrap_or("n/a".into())
+    );
+    let out = format!(
+        "{{\"cipher\":\"{CIPHER}\",\"rounds\":{},\"loopback_mibs\":{loopback:.1},\"cipher_mibs\":{},\"rows\":[{}]}}\n",
+        sc.rounds,
+        cipher.map(|c| format!("{c:.1}")).unwrap_or("null".into()),
+        json.join(",")
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench.json");
+    std::fs::write(&path, out).unwrap();
+    println!("written: {}", path.display());
+}
