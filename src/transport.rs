@@ -12,12 +12,12 @@
 //!    reply (a SOCKS answer, a query result) waits in sshd until our delayed ACK (~40 ms)
 //!    arrives. Re-arming `TCP_QUICKACK` after each small read makes us ACK at once; large
 //!    reads (bulk data) skip the system call, keeping the fast path cheap.
-//! 3. **Knowing whether the server spoke at all**, so a silent server (firewall, "stuck on the
+//! 3. **Counting bytes received**, to know whether the server spoke at all, so a silent server (firewall, "stuck on the
 //!    version number") is told apart from a slow handshake.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -60,19 +60,19 @@ pub struct Transport {
     tcp: TcpStream,
     pending: BytesMut,
     backlog: Arc<Backlog>,
-    heard: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
     rbuf: Box<[u8]>,
     rpos: usize,
     rlen: usize,
 }
 
 impl Transport {
-    pub fn new(tcp: TcpStream, backlog: Arc<Backlog>, heard: Arc<AtomicBool>) -> Self {
+    pub fn new(tcp: TcpStream, backlog: Arc<Backlog>, received: Arc<AtomicU64>) -> Self {
         Transport {
             tcp,
             pending: BytesMut::new(),
             backlog,
-            heard,
+            received,
             rbuf: vec![0u8; SSH_READ_BUFFER].into_boxed_slice(),
             rpos: 0,
             rlen: 0,
@@ -121,7 +121,7 @@ impl AsyncRead for Transport {
             let n = rb.filled().len();
             (this.rpos, this.rlen) = (0, n);
             if n > 0 {
-                this.heard.store(true, Ordering::Relaxed);
+                this.received.fetch_add(n as u64, Ordering::Relaxed);
                 if n < QUICKACK_BELOW {
                     // Best effort: a failure only costs latency.
                     let _ = socket2::SockRef::from(&this.tcp).set_tcp_quickack(true);

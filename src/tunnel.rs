@@ -8,7 +8,7 @@
 //! callback, which queues it in the channel's own [`Inbox`] without waiting.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -232,6 +232,9 @@ pub struct Session {
     finished: bool,
     next_probe: tokio::time::Instant,
     probe_deadline: Option<tokio::time::Instant>,
+    /// Bytes read from the server so far, and at the start of the current probe.
+    received: Arc<AtomicU64>,
+    received_at_probe: u64,
 }
 
 async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) -> Result<(), ()> {
@@ -323,7 +326,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         reason: e.to_string(),
     })?;
 
-    let heard = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
     let accepting = Arc::new(AtomicBool::new(true));
     let channels = Arc::new(Gauge::default());
     let backlog = Arc::new(Backlog::default());
@@ -339,7 +342,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         ended: Some(ended_tx),
         keepalive_window,
     };
-    let transport = Transport::new(tcp, backlog, heard.clone());
+    let transport = Transport::new(tcp, backlog, received.clone());
     let handshake = async {
         let mut handle = client::connect_stream(Arc::new(ssh_config(t)), transport, handler)
             .await
@@ -371,7 +374,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     };
     let handle = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, handshake).await {
         Ok(r) => r?,
-        Err(_) if !heard.load(Ordering::Relaxed) => {
+        Err(_) if received.load(Ordering::Relaxed) == 0 => {
             return Err(TunnelError::BannerTimeout { server })
         }
         Err(_) => {
@@ -393,6 +396,8 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         finished: false,
         next_probe: tokio::time::Instant::now() + LIVENESS_INTERVAL,
         probe_deadline: None,
+        received,
+        received_at_probe: 0,
     })
 }
 
@@ -445,11 +450,14 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(self.next_probe), if self.probe_deadline.is_none() => {
                     self.probe_deadline = Some(tokio::time::Instant::now() + self.keepalive_window + LIVENESS_INTERVAL);
+                    self.received_at_probe = self.received.load(Ordering::Relaxed);
                 }
                 r = probe(&self.handle, self.probe_deadline), if self.probe_deadline.is_some() => {
                     // A ping that must come back: if the session loop itself is stuck, the
-                    // keepalives cannot catch it, this does.
-                    if r.is_err() {
+                    // keepalives cannot catch it, this does. Under heavy load the answer can
+                    // queue behind a lot of data: a session that kept reading is not stuck.
+                    let progressed = self.received.load(Ordering::Relaxed) != self.received_at_probe;
+                    if r.is_err() && !progressed {
                         self.finished = true;
                         return TunnelError::Wedged { window: self.keepalive_window + LIVENESS_INTERVAL };
                     }
