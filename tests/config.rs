@@ -60,15 +60,7 @@ fn check(args: &[&str], config: Option<&Path>) -> Output {
     }
     // Never let a real /etc/secoda-agent/agent.env or the caller's SSH_* leak into a test.
     cmd.args(["--env-file", "/dev/null"]);
-    for k in [
-        "SSH_HOST",
-        "SSH_PORT",
-        "SSH_HOST_PORT",
-        "SSH_LISTEN_PORT",
-        "SSH_KEY_BASE64",
-        "SSH_USER",
-        "SSH_HOST_KEY",
-    ] {
+    for k in secoda_agent::config::ENV_KEYS {
         cmd.env_remove(k);
     }
     cmd.args(args).output().unwrap()

@@ -227,10 +227,3 @@ async fn a_slow_reading_client_gets_every_byte() {
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(checksum(&got), sum);
 }
-
-async fn assert_serves(listen: u16) {
-    let echo = echo_server().await;
-    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
-    assert_eq!(code, 0);
-    assert!(echo_roundtrip(s.unwrap(), b"still served").await);
-}

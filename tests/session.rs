@@ -10,13 +10,6 @@ use base64::Engine;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn assert_serves(listen: u16) {
-    let echo = echo_server().await;
-    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
-    assert_eq!(code, 0);
-    assert!(echo_roundtrip(s.unwrap(), &payload(10_000, 9)).await);
-}
-
 #[tokio::test]
 async fn a_wrong_host_key_is_refused_and_explained() {
     let sshd = Sshd::start();

@@ -706,3 +706,11 @@ where
     }
     false
 }
+
+/// The tunnel serves: a SOCKS5 channel to a fresh echo service round-trips byte-exact.
+pub async fn assert_serves(listen: u16) {
+    let echo = echo_server().await;
+    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0, "the tunnel does not serve");
+    assert!(echo_roundtrip(s.unwrap(), &payload(10_000, 9)).await);
+}
