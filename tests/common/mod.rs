@@ -583,7 +583,10 @@ pub async fn http_server(body: &'static str) -> SocketAddr {
 /// SOCKS5 CONNECT (no auth) to `host:port` through `proxy`; returns the reply code and, on
 /// success, the stream.
 pub async fn socks5(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>) {
-    let mut s = TcpStream::connect(("127.0.0.1", proxy)).await.unwrap();
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", proxy)).await else {
+        // Nothing listens on the proxy port (the tunnel is down): no SOCKS reply at all.
+        return (0xff, None);
+    };
     s.set_nodelay(true).unwrap();
     let mut req = vec![5, 1, 0, 5, 1, 0];
     match host.parse::<std::net::IpAddr>() {
@@ -631,7 +634,10 @@ pub async fn socks5(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>
 
 /// SOCKS4 (or 4a when `host` is a name) CONNECT; returns the reply code and the stream.
 pub async fn socks4(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>) {
-    let mut s = TcpStream::connect(("127.0.0.1", proxy)).await.unwrap();
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", proxy)).await else {
+        // Nothing listens on the proxy port (the tunnel is down): no SOCKS reply at all.
+        return (0xff, None);
+    };
     let mut req = vec![4, 1];
     req.extend_from_slice(&port.to_be_bytes());
     match host.parse::<std::net::Ipv4Addr>() {
@@ -682,13 +688,13 @@ pub fn checksum(data: &[u8]) -> u64 {
 pub async fn echo_roundtrip(mut s: TcpStream, data: &[u8]) -> bool {
     let (mut r, mut w) = s.split();
     let send = async {
-        w.write_all(data).await.unwrap();
-        w.shutdown().await.unwrap();
+        w.write_all(data).await?;
+        w.shutdown().await
     };
     let mut back = Vec::with_capacity(data.len());
     let recv = r.read_to_end(&mut back);
-    let (_, got) = tokio::join!(send, recv);
-    got.is_ok() && checksum(&back) == checksum(data) && back.len() == data.len()
+    let (sent, got) = tokio::join!(send, recv);
+    sent.is_ok() && got.is_ok() && checksum(&back) == checksum(data) && back.len() == data.len()
 }
 
 /// Poll until `f` is true or the timeout passes.
