@@ -36,7 +36,7 @@ step "rpm metadata"
 rpm_info=$(rpm -qp --scripts --configfiles "$rpm_file" 2>/dev/null)
 rpm_files=$(rpm -qpl "$rpm_file" 2>/dev/null)
 echo "$rpm_info" | grep -qx "/etc/secoda-agent/agent.toml" || fail "agent.toml is not %config"
-rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file" | grep -q "^cn /etc/secoda-agent/agent.toml" \
+rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file" | grep "^cn /etc/secoda-agent/agent.toml" >/dev/null \
     || fail "agent.toml is not %config(noreplace)"
 for f in /usr/bin/secoda-agent /usr/lib/systemd/system/secoda-agent.service /usr/share/man/man8/secoda-agent.8.gz; do
     echo "$rpm_files" | grep -qx "$f" || fail "$f missing from the rpm"
@@ -84,6 +84,8 @@ done
 inside() { nsenter -t "$init_pid" -a "$@"; }
 # `systemctl status` exits 3 for a unit that is not active yet; only its text matters here.
 unit_status() { inside systemctl status secoda-agent --no-pager -l -n 20 2>&1 || true; }
+# (Pipelines below end in `grep PATTERN >/dev/null`, not `grep -q`: under pipefail an early
+# exit of grep -q can fail the pipeline through SIGPIPE on its left side.)
 for _ in $(seq 1 100); do
     state=$(inside systemctl is-system-running 2>/dev/null || true)
     case "$state" in running|degraded) break ;; esac
@@ -136,7 +138,7 @@ inside systemctl enable secoda-agent >/dev/null 2>&1
 inside systemctl start --no-block secoda-agent
 sleep 3
 [ "$(inside systemctl is-active secoda-agent || true)" = "activating" ] || fail "not 'activating' while the server is down: $(inside systemctl is-active secoda-agent)"
-unit_status | grep -q 'Status: "reconnecting in' || fail "no reconnecting STATUS: $(unit_status)"
+unit_status | grep 'Status: "reconnecting in' >/dev/null || fail "no reconnecting STATUS: $(unit_status)"
 ok "activating, STATUS says reconnecting, while the server is down"
 
 start_test_sshd "$work"
@@ -146,7 +148,7 @@ for _ in $(seq 1 150); do
 done
 [ "$(inside systemctl is-active secoda-agent)" = "active" ] || fail "did not become active"
 (exec 3<>"/dev/tcp/127.0.0.1/$listen_port") 2>/dev/null || fail "active but the listen port is not open"
-unit_status | grep -q "Status: \"connected to 127.0.0.1:$SSH_PORT, listening on 127.0.0.1:$listen_port" \
+unit_status | grep "Status: \"connected to 127.0.0.1:$SSH_PORT, listening on 127.0.0.1:$listen_port" >/dev/null \
     || fail "no connected STATUS: $(unit_status)"
 ok "active once the tunnel is up, STATUS connected"
 
@@ -154,9 +156,9 @@ page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http:/
 [ "$page" = "hello from inside the container" ] || fail "curl through the tunnel: $page"
 ok "curl through the tunnel reaches the service inside"
 
-inside journalctl -u secoda-agent TUNNEL_HOST=127.0.0.1 LISTEN_PORT="$listen_port" --no-pager -q | grep -q "tunnel up" \
+inside journalctl -u secoda-agent TUNNEL_HOST=127.0.0.1 LISTEN_PORT="$listen_port" --no-pager -q | grep "tunnel up" >/dev/null \
     || fail "no structured 'tunnel up' entry"
-inside journalctl -u secoda-agent TARGET="localhost:$web_port" -o verbose --no-pager -q | grep -q "BYTES_FROM_TARGET=" \
+inside journalctl -u secoda-agent TARGET="localhost:$web_port" -o verbose --no-pager -q | grep "BYTES_FROM_TARGET=" >/dev/null \
     || fail "no structured channel entry"
 ok "journal has the structured fields"
 
@@ -167,7 +169,7 @@ pid=$(inside systemctl show -p MainPID --value secoda-agent)
 inside /bin/sh -c "kill -HUP $pid"
 sleep 1
 [ "$(inside systemctl is-active secoda-agent)" = "active" ] || fail "not active after a broken reload"
-unit_status | grep -q 'Status: "config reload failed' || fail "STATUS does not say the reload failed: $(unit_status)"
+unit_status | grep 'Status: "config reload failed' >/dev/null || fail "STATUS does not say the reload failed: $(unit_status)"
 page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/")
 [ "$page" = "hello from inside the container" ] || fail "the old config stopped serving"
 write_config
@@ -184,10 +186,10 @@ for _ in $(seq 1 100); do
 done
 [ "$new_pid" != "$old_pid" ] || fail "the watchdog did not restart a stopped agent"
 for _ in $(seq 1 50); do
-    inside journalctl -u secoda-agent --no-pager -q | grep -qi "watchdog timeout" && break
+    inside journalctl -u secoda-agent --no-pager -q | grep -i "watchdog timeout" >/dev/null && break
     sleep 0.2
 done
-inside journalctl -u secoda-agent --no-pager -q | grep -qi "watchdog timeout" \
+inside journalctl -u secoda-agent --no-pager -q | grep -i "watchdog timeout" >/dev/null \
     || fail "no watchdog timeout in the journal: $(inside journalctl -u secoda-agent --no-pager -q -n 30)"
 ok "SIGSTOP: the watchdog restarted the agent (pid $old_pid -> $new_pid)"
 
