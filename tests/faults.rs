@@ -124,10 +124,7 @@ async fn a_black_holed_server_is_declared_dead_and_the_tunnel_returns() {
 /// transfer may be cut.
 #[tokio::test]
 async fn a_hundred_reloads_cut_none_of_fifty_transfers() {
-    let sshd = Sshd::start();
-    let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, ""));
-    agent.wait_ready().await;
+    let (_sshd, agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
     let mut transfers = Vec::new();
     for i in 0..50u64 {
@@ -167,10 +164,7 @@ async fn a_hundred_reloads_cut_none_of_fifty_transfers() {
 /// A target that resets mid-stream ends its own channel only.
 #[tokio::test]
 async fn a_target_reset_mid_stream_ends_only_its_channel() {
-    let sshd = Sshd::start();
-    let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, ""));
-    agent.wait_ready().await;
+    let (_sshd, agent, listen) = tunnel_up("").await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -197,10 +191,7 @@ async fn a_target_reset_mid_stream_ends_only_its_channel() {
 /// A slow reader receives everything, byte-exact, and the tunnel stays healthy meanwhile.
 #[tokio::test]
 async fn a_slow_reading_client_gets_every_byte() {
-    let sshd = Sshd::start();
-    let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, ""));
-    agent.wait_ready().await;
+    let (_sshd, _agent, listen) = tunnel_up("").await;
     // A target that sends 8 MiB as fast as it can.
     let data = payload(8 << 20, 4);
     let sum = checksum(&data);

@@ -105,10 +105,7 @@ async fn the_watchdog_is_pinged_at_half_its_interval() {
 
 #[tokio::test]
 async fn reload_applies_forward_settings_without_touching_open_channels() {
-    let sshd = Sshd::start();
-    let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, ""));
-    agent.wait_ready().await;
+    let (sshd, agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
     let transfer = slow_transfer(listen, echo.port(), 20, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -142,10 +139,7 @@ async fn reload_applies_forward_settings_without_touching_open_channels() {
 
 #[tokio::test]
 async fn a_broken_reload_keeps_the_old_config_serving() {
-    let sshd = Sshd::start();
-    let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, ""));
-    agent.wait_ready().await;
+    let (_sshd, agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
     let transfer = slow_transfer(listen, echo.port(), 20, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -198,10 +192,7 @@ async fn new_tunnel_settings_bring_up_a_new_session_and_drain_the_old() {
 
 #[tokio::test]
 async fn sigterm_lets_a_transfer_finish_then_exits_0() {
-    let sshd = Sshd::start();
-    let listen = free_port();
-    let mut agent = Agent::start(&sshd.agent_toml(listen, ""));
-    agent.wait_ready().await;
+    let (_sshd, mut agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
     let transfer = slow_transfer(listen, echo.port(), 20, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_millis(200)).await;

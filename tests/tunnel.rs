@@ -8,11 +8,7 @@ use std::time::Duration;
 use common::*;
 
 async fn up() -> (Sshd, Agent, u16) {
-    let sshd = Sshd::start();
-    let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nconnect_timeout = \"2s\"\n"));
-    agent.wait_ready().await;
-    (sshd, agent, listen)
+    tunnel_up("[forward]\nconnect_timeout = \"2s\"\n").await
 }
 
 #[tokio::test]

@@ -720,3 +720,12 @@ pub async fn assert_serves(listen: u16) {
     assert_eq!(code, 0, "the tunnel does not serve");
     assert!(echo_roundtrip(s.unwrap(), &payload(10_000, 9)).await);
 }
+
+/// A fresh sshd and an agent connected to it (extra agent.toml lines appended), once READY.
+pub async fn tunnel_up(extra: &str) -> (Sshd, Agent, u16) {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, extra));
+    agent.wait_ready().await;
+    (sshd, agent, listen)
+}
