@@ -282,8 +282,8 @@ impl Forwarder {
     }
 }
 
-/// Where a channel came from (for its log lines), and its session's output backlog.
-pub struct Origin {
+/// What a channel task gets from its session: where it came from (for logs) and the session's output backlog.
+pub struct ChannelContext {
     pub originator: String,
     pub backlog: Arc<Backlog>,
 }
@@ -294,7 +294,7 @@ pub async fn serve_channel(
     channel: ChannelWriteHalf<Msg>,
     fwd: Arc<Forwarder>,
     guard: GaugeGuard,
-    origin: Origin,
+    origin: ChannelContext,
 ) {
     let settings = fwd.settings();
     let mut writer = channel.make_writer();

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use crate::config::TunnelConfig;
 use crate::constants::*;
 use crate::error::TunnelError;
-use crate::forward::{self, Forwarder, Gauge, GaugeGuard, Inbox, Origin};
+use crate::forward::{self, ChannelContext, Forwarder, Gauge, GaugeGuard, Inbox};
 use crate::transport::{Backlog, Transport};
 
 /// Handler errors: russh's own, or our verdict on the host key.
@@ -116,7 +116,7 @@ impl client::Handler for Client {
         let (inbox, input) = forward::inbox(settings.max_pending);
         self.inboxes.insert(id, inbox);
         let guard = GaugeGuard::new(vec![self.fwd.active.clone(), self.channels.clone()]);
-        let origin = Origin {
+        let origin = ChannelContext {
             originator: format!("{originator_address}:{originator_port}"),
             backlog: self.backlog.clone(),
         };
