@@ -51,14 +51,27 @@ pub const SSH_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// Channel tasks stop producing output for the server while this much is already waiting in
 /// the transport's buffer (see transport.rs): bounds memory without ever blocking the session.
-pub const SSH_BACKLOG_HIGH: usize = 4 * 1024 * 1024;
+pub const SSH_BACKLOG_HIGH: usize = 1024 * 1024;
+/// At most this many channel tasks hand data to the session at once (see transport.rs).
+pub const SSH_OUTPUT_TURNS: usize = 16;
+/// The transport stops reading the SSH socket while more than this waits for targets, across
+/// all channels of a session (see transport.rs) ...
+pub const INTAKE_HIGH: usize = 4 * 1024 * 1024;
+/// ... for at most this long without progress, then reads on regardless.
+pub const INTAKE_PAUSE_MAX: Duration = Duration::from_millis(500);
+/// russh's queue of packets from channel writers to the session loop.
+pub const SSH_SESSION_QUEUE: usize = 16;
+/// The transport's write buffer is released once drained if it grew beyond this.
+pub const TRANSPORT_BUFFER_KEEP: usize = 1024 * 1024;
 /// One read from the SSH socket takes up to this much (russh then reads it in small pieces).
 pub const SSH_READ_BUFFER: usize = 256 * 1024;
 /// Reads from the SSH server shorter than this re-arm TCP_QUICKACK (see transport.rs).
 pub const QUICKACK_BELOW: usize = 16 * 1024;
-/// Server -> target: queued packets are joined into writes of up to this size.
+/// Server -> target: queued packets go out in one vectored write of up to this many bytes
+/// and `SPLICE_IOVECS` pieces.
 pub const SPLICE_BATCH: usize = 256 * 1024;
-/// Read buffer for target -> server copies: one SSH packet's worth at a time.
-pub const SPLICE_BUFFER_SIZE: usize = 128 * 1024;
+pub const SPLICE_IOVECS: usize = 32;
+/// Target -> server copies read this much at a time: one SSH packet (russh copies it again).
+pub const SPLICE_BUFFER_SIZE: usize = 32 * 1024;
 /// A config file larger than this is refused before it is parsed.
 pub const MAX_CONFIG_FILE_SIZE: u64 = 1024 * 1024;

@@ -16,14 +16,14 @@ use std::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
 use russh::ChannelWriteHalf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::ForwardConfig;
-use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE};
+use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS};
 use crate::socks::{self, Host, Reply, Request};
-use crate::transport::Backlog;
+use crate::transport::{Backlog, Intake};
 
 /// What the session hands a channel task.
 #[derive(Debug)]
@@ -40,7 +40,11 @@ pub struct Inbox {
     pending: Arc<AtomicU64>,
     max_pending: u64,
     cut: Arc<Notify>,
+    intake: Arc<Intake>,
 }
+
+/// Set in a channel's `pending` once its task has gone: nothing is counted after that.
+const CLOSED: u64 = 1 << 62;
 
 /// The channel task's end.
 pub struct ChannelInput {
@@ -52,9 +56,12 @@ pub struct ChannelInput {
     overflow: Option<u64>,
     /// Signalled on overflow, so the channel is cut even while its task waits on the target.
     cut: Arc<Notify>,
+    intake: Arc<Intake>,
 }
 
-pub fn inbox(max_pending: u64) -> (Inbox, ChannelInput) {
+/// Every byte counted in a channel's `pending` is also counted in the session's [`Intake`],
+/// until it is delivered or the channel's task ends.
+pub fn inbox(max_pending: u64, intake: Arc<Intake>) -> (Inbox, ChannelInput) {
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicU64::new(0));
     let cut = Arc::new(Notify::new());
@@ -64,6 +71,7 @@ pub fn inbox(max_pending: u64) -> (Inbox, ChannelInput) {
             pending: pending.clone(),
             max_pending,
             cut: cut.clone(),
+            intake: intake.clone(),
         },
         ChannelInput {
             rx,
@@ -72,6 +80,7 @@ pub fn inbox(max_pending: u64) -> (Inbox, ChannelInput) {
             eof: false,
             overflow: None,
             cut,
+            intake,
         },
     )
 }
@@ -80,8 +89,15 @@ impl Inbox {
     /// Queue data for the channel. `false` means drop this inbox: the channel was cut for
     /// overflow, or its task is gone.
     pub fn push(&self, data: &[u8]) -> bool {
+        if data.is_empty() {
+            return true;
+        }
         let len = data.len() as u64;
         let pending = self.pending.fetch_add(len, Ordering::AcqRel) + len;
+        if pending & CLOSED != 0 {
+            return false;
+        }
+        self.intake.add(len);
         if pending > self.max_pending {
             let _ = self.tx.send(Inbound::Overflow(pending));
             self.cut.notify_one();
@@ -142,6 +158,7 @@ impl ChannelInput {
     /// Count bytes as delivered to the target.
     fn consumed(&self, n: usize) {
         self.pending.fetch_sub(n as u64, Ordering::AcqRel);
+        self.intake.sub(n as u64);
     }
 
     /// Wait for the channel to be closed by the server (or cut), ignoring anything else.
@@ -152,6 +169,13 @@ impl ChannelInput {
             }
         }
         None
+    }
+}
+
+impl Drop for ChannelInput {
+    fn drop(&mut self) {
+        let left = self.pending.swap(CLOSED, Ordering::AcqRel);
+        self.intake.sub(left & !CLOSED);
     }
 }
 
@@ -357,7 +381,7 @@ pub async fn serve_channel(
     let counts = Counts::default();
     let cut = input.cut.clone();
     let end = tokio::select! {
-        end = splice(&mut input, stream, &mut writer, &origin.backlog, &counts) => end,
+        end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
     };
     let _ = channel.close().await;
@@ -470,11 +494,12 @@ struct Counts {
 async fn splice<W: AsyncWrite + Unpin>(
     input: &mut ChannelInput,
     target: TcpStream,
+    channel: &ChannelWriteHalf<Msg>,
     writer: &mut W,
     backlog: &Backlog,
     counts: &Counts,
 ) -> End {
-    let (mut tr, mut tw) = target.into_split();
+    let (tr, mut tw) = target.into_split();
     let (to_target, from_target) = (&counts.to_target, &counts.from_target);
     let server_eof = AtomicBool::new(false);
 
@@ -482,26 +507,24 @@ async fn splice<W: AsyncWrite + Unpin>(
         // Server -> target. After the server's EOF it keeps watching the inbox, so that a
         // close from the server is seen even while the other direction is still busy.
         let up = async {
-            // What has queued up meanwhile goes out in one write: one system call per batch
-            // instead of one per SSH packet.
-            let mut batch = BytesMut::new();
+            // What has queued up meanwhile goes out in one vectored write: one system call
+            // per batch instead of one per SSH packet, and no copy.
+            let mut batch: Vec<Bytes> = Vec::with_capacity(SPLICE_IOVECS);
             while let Some(chunk) = input.next_chunk().await {
-                let mut data = chunk;
-                if let Some(more) = input.try_next_data() {
-                    batch.clear();
-                    batch.extend_from_slice(&data);
-                    batch.extend_from_slice(&more);
-                    while batch.len() < SPLICE_BATCH {
-                        match input.try_next_data() {
-                            Some(b) => batch.extend_from_slice(&b),
-                            None => break,
+                let mut len = chunk.len();
+                batch.push(chunk);
+                while len < SPLICE_BATCH && batch.len() < SPLICE_IOVECS {
+                    match input.try_next_data() {
+                        Some(b) => {
+                            len += b.len();
+                            batch.push(b);
                         }
+                        None => break,
                     }
-                    data = batch.split().freeze();
                 }
-                tw.write_all(&data).await?;
-                input.consumed(data.len());
-                to_target.fetch_add(data.len() as u64, Ordering::Relaxed);
+                write_all_vectored(&mut tw, &mut batch).await?;
+                input.consumed(len);
+                to_target.fetch_add(len as u64, Ordering::Relaxed);
             }
             if input.eof {
                 server_eof.store(true, Ordering::Relaxed);
@@ -512,17 +535,37 @@ async fn splice<W: AsyncWrite + Unpin>(
             }
             Ok::<(), io::Error>(())
         };
-        // Target -> server, then our EOF.
+        // Target -> server, then our EOF. A buffer exists only while data is in hand (an
+        // idle channel holds none): with a thousand open channels, per-channel read buffers
+        // would be most of the agent's memory. While the server's window for this channel is
+        // open, the channel takes a turn and waits for room in the transport before it reads
+        // (see `Backlog`), so output is produced no faster than the socket takes it.
         let down = async {
-            let mut buf = vec![0u8; SPLICE_BUFFER_SIZE];
             loop {
-                let n = tr.read(&mut buf).await?;
-                if n == 0 {
-                    break;
+                tr.readable().await?;
+                let window = channel.writable_packet_size().await;
+                let turn = if window > 0 {
+                    let turn = backlog.turn().await;
+                    backlog.wait_room().await;
+                    turn
+                } else {
+                    None
+                };
+                let mut buf = BytesMut::with_capacity(if window > 0 {
+                    window.min(SPLICE_BUFFER_SIZE)
+                } else {
+                    SPLICE_BUFFER_SIZE
+                });
+                match tr.try_read_buf(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        writer.write_all(&buf).await?;
+                        drop(turn);
+                        from_target.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
                 }
-                backlog.wait_room().await;
-                writer.write_all(&buf[..n]).await?;
-                from_target.fetch_add(n as u64, Ordering::Relaxed);
             }
             writer.shutdown().await
         };
@@ -540,5 +583,71 @@ async fn splice<W: AsyncWrite + Unpin>(
         (Some(n), _) => End::Overflow(n),
         (None, Some(e)) => End::Error(e),
         (None, None) => End::Normal,
+    }
+}
+
+/// Write every byte of `batch` with vectored writes, leaving it empty.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let slices: Vec<io::IoSlice<'_>> =
+            batch[first..].iter().map(|b| io::IoSlice::new(b)).collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let b = &mut batch[first];
+            let k = n.min(b.len());
+            b.advance(k);
+            n -= k;
+            if b.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn intake_counts_bytes_until_delivered_or_dropped() {
+        let intake = Arc::new(Intake::default());
+        let (inbox, mut input) = inbox(1 << 20, intake.clone());
+        assert!(inbox.push(&[1; 1000]));
+        assert!(inbox.push(&[2; 500]));
+        assert_eq!(intake.get(), 1500);
+        let mut buf = [0u8; 1000];
+        input.read_exact(&mut buf).await.unwrap();
+        assert_eq!(intake.get(), 500, "delivered bytes come off");
+        drop(input);
+        assert_eq!(intake.get(), 0, "a closed channel's queue comes off");
+        assert!(
+            !inbox.push(&[3; 100]),
+            "nothing is queued for a closed channel"
+        );
+        assert_eq!(intake.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn intake_is_released_by_a_channel_cut_for_overflow() {
+        let intake = Arc::new(Intake::default());
+        let (inbox, input) = inbox(1000, intake.clone());
+        assert!(inbox.push(&[0; 600]));
+        assert!(
+            !inbox.push(&[0; 600]),
+            "past max_pending the channel is cut"
+        );
+        assert!(intake.get() >= 600);
+        drop(input);
+        assert_eq!(intake.get(), 0);
     }
 }

@@ -12,12 +12,21 @@
 //!    reply (a SOCKS answer, a query result) waits in sshd until our delayed ACK (~40 ms)
 //!    arrives. Re-arming `TCP_QUICKACK` after each small read makes us ACK at once; large
 //!    reads (bulk data) skip the system call, keeping the fast path cheap.
-//! 3. **Counting bytes received**, to know whether the server spoke at all, so a silent server (firewall, "stuck on the
+//! 3. **Reading no faster than the channels deliver.** russh re-opens a channel's SSH window
+//!    as data arrives, not as it is consumed, so the window bounds nothing: with many busy
+//!    channels the data queued for targets grew without bound (1,000 concurrent channels took
+//!    the agent to 400+ MiB). While more than `INTAKE_HIGH` bytes wait for targets, the
+//!    transport stops reading the socket and TCP holds the server back. Pausing must never
+//!    stall the tunnel behind targets that stopped reading: if a pause sees no progress at all
+//!    within `INTAKE_PAUSE_MAX`, pausing is off until the queue is below half the mark again
+//!    (stuck channels are then bounded by `max_pending` each, as before).
+//! 4. **Counting bytes received**, to know whether the server spoke at all, so a silent server (firewall, "stuck on the
 //!    version number") is told apart from a slow handshake.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -25,18 +34,43 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
-use crate::constants::{QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_READ_BUFFER};
+use crate::constants::{
+    INTAKE_HIGH, INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS,
+    SSH_READ_BUFFER, TRANSPORT_BUFFER_KEEP,
+};
 
 /// How many bytes wait in the transport's buffer, for channel tasks to pace themselves on.
-#[derive(Default)]
 pub struct Backlog {
     bytes: AtomicUsize,
     drained: Notify,
+    /// Turns to hand data to the session. russh's session loop takes every message its
+    /// channel writers have ready in one go (a writer waiting for queue space refills it at
+    /// once), so with a thousand busy channels one pass gathered 30+ MiB of output, all of it
+    /// past the `bytes` check. A channel whose SSH window is open takes a turn, then waits for
+    /// room, then reads and hands over one packet: one pass is bounded by the turns plus
+    /// russh's queue. A channel waiting for its window goes without a turn, so it never holds
+    /// up the others (its output is paced by the server instead).
+    turns: Semaphore,
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Backlog {
+            bytes: AtomicUsize::new(0),
+            drained: Notify::new(),
+            turns: Semaphore::new(SSH_OUTPUT_TURNS),
+        }
+    }
 }
 
 impl Backlog {
+    /// A turn to hand one packet to the session (see `turns`).
+    pub async fn turn(&self) -> Option<SemaphorePermit<'_>> {
+        self.turns.acquire().await.ok()
+    }
+
     /// Wait until the transport has room for more output.
     pub async fn wait_room(&self) {
         loop {
@@ -56,6 +90,50 @@ impl Backlog {
     }
 }
 
+/// Bytes received for channels and not yet delivered to their targets, across a session.
+/// Signed: a channel closing while data arrives for it may take its bytes off a moment before
+/// they were put on.
+#[derive(Default)]
+pub struct Intake {
+    bytes: AtomicI64,
+    drained: Notify,
+}
+
+impl Intake {
+    pub fn add(&self, n: u64) {
+        self.bytes.fetch_add(n as i64, Ordering::AcqRel);
+    }
+
+    pub fn sub(&self, n: u64) {
+        let old = self.bytes.fetch_sub(n as i64, Ordering::AcqRel);
+        let high = INTAKE_HIGH as i64;
+        if old > high && old - (n as i64) <= high {
+            self.drained.notify_waiters();
+        }
+    }
+
+    pub fn get(&self) -> usize {
+        self.bytes.load(Ordering::Acquire).max(0) as usize
+    }
+
+    /// Wait until at most `INTAKE_HIGH` bytes are queued; `false` if that took longer than
+    /// `INTAKE_PAUSE_MAX`.
+    async fn below_high(self: Arc<Self>) -> bool {
+        let wait = async {
+            loop {
+                let drained = self.drained.notified();
+                if self.get() <= INTAKE_HIGH {
+                    return;
+                }
+                drained.await;
+            }
+        };
+        tokio::time::timeout(INTAKE_PAUSE_MAX, wait).await.is_ok()
+    }
+}
+
+type Pause = Pin<Box<dyn Future<Output = bool> + Send>>;
+
 pub struct Transport {
     tcp: TcpStream,
     pending: BytesMut,
@@ -64,14 +142,27 @@ pub struct Transport {
     rbuf: Box<[u8]>,
     rpos: usize,
     rlen: usize,
+    intake: Arc<Intake>,
+    /// A pause in progress, and the queue size when it began.
+    pause: Option<(Pause, usize)>,
+    /// A pause saw no progress: read freely until the queue is below half the mark.
+    stuck: bool,
 }
 
 impl Transport {
-    pub fn new(tcp: TcpStream, backlog: Arc<Backlog>, received: Arc<AtomicU64>) -> Self {
+    pub fn new(
+        tcp: TcpStream,
+        backlog: Arc<Backlog>,
+        intake: Arc<Intake>,
+        received: Arc<AtomicU64>,
+    ) -> Self {
         Transport {
             tcp,
             pending: BytesMut::new(),
             backlog,
+            intake,
+            pause: None,
+            stuck: false,
             received,
             rbuf: vec![0u8; SSH_READ_BUFFER].into_boxed_slice(),
             rpos: 0,
@@ -84,6 +175,10 @@ impl Transport {
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = self.drain_inner(cx);
         self.backlog.set(self.pending.len());
+        if self.pending.is_empty() && self.pending.capacity() > TRANSPORT_BUFFER_KEEP {
+            // A burst is over: give its memory back rather than keep the high-water mark.
+            self.pending = BytesMut::new();
+        }
         r
     }
 
@@ -100,6 +195,33 @@ impl Transport {
     }
 }
 
+impl Transport {
+    /// `Pending` while the channels have too much queued for their targets (see point 3).
+    fn poll_intake(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let queued = self.intake.get();
+            if let Some((pause, start)) = &mut self.pause {
+                let drained = match pause.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(d) => d,
+                };
+                if !drained && queued >= *start {
+                    self.stuck = true;
+                }
+                self.pause = None;
+                return Poll::Ready(());
+            }
+            if self.stuck && queued <= INTAKE_HIGH / 2 {
+                self.stuck = false;
+            }
+            if self.stuck || queued <= INTAKE_HIGH {
+                return Poll::Ready(());
+            }
+            self.pause = Some((Box::pin(self.intake.clone().below_high()), queued));
+        }
+    }
+}
+
 impl AsyncRead for Transport {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -112,6 +234,9 @@ impl AsyncRead for Transport {
         // russh reads each packet's header and body separately; serve those small reads from
         // one large socket read instead of a system call each.
         if self.rpos == self.rlen {
+            if self.poll_intake(cx).is_pending() {
+                return Poll::Pending;
+            }
             let this = &mut *self;
             let mut rb = ReadBuf::new(&mut this.rbuf);
             match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {

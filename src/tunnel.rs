@@ -22,7 +22,7 @@ use crate::config::TunnelConfig;
 use crate::constants::*;
 use crate::error::TunnelError;
 use crate::forward::{self, ChannelContext, Forwarder, Gauge, GaugeGuard, Inbox};
-use crate::transport::{Backlog, Transport};
+use crate::transport::{Backlog, Intake, Transport};
 
 /// Handler errors: russh's own, or our verdict on the host key.
 #[derive(Debug)]
@@ -44,6 +44,7 @@ struct Client {
     channels: Arc<Gauge>,
     accepting: Arc<AtomicBool>,
     backlog: Arc<Backlog>,
+    intake: Arc<Intake>,
     inboxes: HashMap<ChannelId, Inbox>,
     /// Tells the [`Session`] why the session loop ended (see `disconnected` and `Drop`).
     ended: Option<oneshot::Sender<TunnelError>>,
@@ -113,7 +114,7 @@ impl client::Handler for Client {
         let (read_half, write_half) = channel.split();
         drop(read_half); // see the module comment
         let settings = self.fwd.settings();
-        let (inbox, input) = forward::inbox(settings.max_pending);
+        let (inbox, input) = forward::inbox(settings.max_pending, self.intake.clone());
         self.inboxes.insert(id, inbox);
         let guard = GaugeGuard::new(vec![self.fwd.active.clone(), self.channels.clone()]);
         let origin = ChannelContext {
@@ -256,6 +257,8 @@ fn ssh_config(t: &TunnelConfig) -> client::Config {
         window_size: SSH_WINDOW_SIZE,
         maximum_packet_size: SSH_MAX_PACKET_SIZE,
         nodelay: true,
+        // russh's queue from channel writers to the session (in packets); see Backlog.
+        channel_buffer_size: SSH_SESSION_QUEUE,
         preferred: Preferred {
             // AES-GCM first: with AES-NI it is about twice as fast as chacha20-poly1305.
             cipher: std::borrow::Cow::Borrowed(&[
@@ -330,6 +333,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     let accepting = Arc::new(AtomicBool::new(true));
     let channels = Arc::new(Gauge::default());
     let backlog = Arc::new(Backlog::default());
+    let intake = Arc::new(Intake::default());
     let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
     let (ended_tx, ended_rx) = oneshot::channel();
     let handler = Client {
@@ -338,11 +342,12 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         channels: channels.clone(),
         accepting: accepting.clone(),
         backlog: backlog.clone(),
+        intake: intake.clone(),
         inboxes: HashMap::new(),
         ended: Some(ended_tx),
         keepalive_window,
     };
-    let transport = Transport::new(tcp, backlog, received.clone());
+    let transport = Transport::new(tcp, backlog, intake, received.clone());
     let handshake = async {
         let mut handle = client::connect_stream(Arc::new(ssh_config(t)), transport, handler)
             .await
