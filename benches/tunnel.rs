@@ -25,6 +25,8 @@ struct Scale {
     fanout: usize,
     fanout_size: usize,
     rounds: usize,
+    /// `BENCH_ONLY=fanout`: skip the other measures (for tuning one thing quickly).
+    fanout_only: bool,
 }
 
 fn scale() -> Scale {
@@ -37,6 +39,7 @@ fn scale() -> Scale {
             fanout: 100,
             fanout_size: 64 << 10,
             rounds: 1,
+            fanout_only: false,
         }
     } else {
         Scale {
@@ -46,6 +49,7 @@ fn scale() -> Scale {
             fanout: 1000,
             fanout_size: 1 << 20,
             rounds: 3,
+            fanout_only: false,
         }
     };
     if let Some(r) = env("BENCH_ROUNDS") {
@@ -54,6 +58,7 @@ fn scale() -> Scale {
     if let Some(m) = env("BENCH_BULK_MIB") {
         sc.bulk = m << 20;
     }
+    sc.fanout_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "fanout");
     sc
 }
 
@@ -137,13 +142,9 @@ impl Drop for Client {
 }
 
 fn start_agent(sshd: &Sshd, listen: u16) -> Client {
-    // max_pending raised: the bench's sink shares two cores with the load generator, and
-    // russh re-opens the SSH window on arrival, not on consumption, so the default 8 MiB
-    // (about 11 ms at loopback speed) cuts a bulk upload whenever the sink is descheduled.
-    let agent = Agent::start(&sshd.agent_toml(
-        listen,
-        "[forward]\nmax_connections = 2048\nmax_pending = \"64MiB\"\n",
-    ));
+    // Default max_pending: the agent paces the server when targets fall behind (see
+    // transport.rs), so a sink descheduled for a moment no longer cuts the bulk upload.
+    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nmax_connections = 2048\n"));
     Client {
         name: "agent",
         ssh: None,
@@ -253,7 +254,14 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
     let mut r = Round::default();
     tokio::time::sleep(Duration::from_millis(500)).await;
     r.rss_idle_mib = rss_kib(pid) as f64 / 1024.0;
+    if !sc.fanout_only {
+        bulk_and_latency(pid, listen, svc, sc, &mut r).await;
+    }
+    fanout(pid, listen, svc, sc, &mut r).await;
+    r
+}
 
+async fn bulk_and_latency(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) {
     // Bulk, both ways, and the client's CPU for it.
     let cpu0 = cpu_secs(pid);
     let (code, s) = socks5(listen, "127.0.0.1", svc.sink).await;
@@ -317,8 +325,10 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
     }
     r.ping_p50_ms = percentile(&mut lat, 0.5);
     r.ping_p99_ms = percentile(&mut lat, 0.99);
+}
 
-    // Fan-out: many concurrent checksummed channels; RSS sampled meanwhile.
+/// Fan-out: many concurrent checksummed channels; RSS sampled meanwhile.
+async fn fanout(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) {
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = {
         let peak = peak.clone();
@@ -352,7 +362,6 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
         .load(std::sync::atomic::Ordering::Relaxed)
         .max(rss_kib(pid));
     r.rss_fanout_mib = peak as f64 / 1024.0;
-    r
 }
 
 fn median(v: Vec<f64>) -> f64 {
