@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::config::ForwardConfig;
 use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS};
 use crate::socks::{self, Host, Reply, Request};
+use crate::telemetry::{ChannelStat, Telemetry};
 use crate::transport::{Backlog, Intake};
 
 /// What the session hands a channel task.
@@ -279,17 +280,19 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// What every channel shares: the live forward settings and the channel count.
+/// What every channel shares: the live forward settings, the channel count and telemetry.
 pub struct Forwarder {
     settings: RwLock<Arc<ForwardConfig>>,
     pub active: Arc<Gauge>,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Forwarder {
-    pub fn new(settings: ForwardConfig) -> Self {
+    pub fn new(settings: ForwardConfig, telemetry: Arc<Telemetry>) -> Self {
         Forwarder {
             settings: RwLock::new(Arc::new(settings)),
-            active: Arc::new(Gauge::default()),
+            active: telemetry.active.clone(),
+            telemetry,
         }
     }
 
@@ -321,6 +324,7 @@ pub async fn serve_channel(
     origin: ChannelContext,
 ) {
     let settings = fwd.settings();
+    let metrics = &fwd.telemetry.metrics;
     let mut writer = channel.make_writer();
     let started = Instant::now();
     let over_limit = fwd.active.get() > settings.max_connections;
@@ -332,13 +336,20 @@ pub async fn serve_channel(
         };
         match tokio::time::timeout(SOCKS_HANDSHAKE_TIMEOUT, socks::read_request(&mut stream)).await
         {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                metrics
+                    .socks_handshake
+                    .observe(started.elapsed().as_secs_f64());
+                r
+            }
             Ok(Err(e)) => {
+                metrics.channel_outcome("socks_error");
                 log::info!(originator = origin.originator.as_str(), error_class = "socks"; "channel from {} closed: {e}", origin.originator);
                 let _ = channel.close().await;
                 return;
             }
             Err(_) => {
+                metrics.channel_outcome("socks_timeout");
                 log::info!(originator = origin.originator.as_str(), error_class = "socks_timeout"; "channel from {} closed: no complete SOCKS request within {SOCKS_HANDSHAKE_TIMEOUT:?}", origin.originator);
                 let _ = channel.close().await;
                 return;
@@ -347,6 +358,7 @@ pub async fn serve_channel(
     };
     let target = format!("{}:{}", request.host, request.port);
 
+    let connecting = Instant::now();
     let connected = if over_limit {
         Err((
             Reply::GeneralFailure,
@@ -360,9 +372,20 @@ pub async fn serve_channel(
         connect_target(&request, &settings).await
     };
     let stream = match connected {
-        Ok(s) => s,
+        Ok(s) => {
+            metrics
+                .target_connect
+                .observe(connecting.elapsed().as_secs_f64());
+            s
+        }
         Err((reply, why)) => {
-            log::warn!(target_addr = target.as_str(), target = target.as_str(), error_class = reply_class(reply); "connection to {target} failed: {why}");
+            let class = if over_limit {
+                "over_limit"
+            } else {
+                reply_class(reply)
+            };
+            metrics.channel_outcome(class);
+            log::warn!(target_addr = target.as_str(), target = target.as_str(), error_class = class; "connection to {target} failed: {why}");
             let _ = socks::write_reply(&mut writer, request.version, reply, None).await;
             let _ = channel.close().await;
             return;
@@ -377,8 +400,11 @@ pub async fn serve_channel(
         return;
     }
     log::debug!(target = target.as_str(); "channel open to {target}");
+    metrics.channel_outcome("ok");
 
-    let counts = Counts::default();
+    let counts = fwd
+        .telemetry
+        .open_channel(target.clone(), origin.originator.clone());
     let cut = input.cut.clone();
     let end = tokio::select! {
         end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts) => end,
@@ -389,6 +415,7 @@ pub async fn serve_channel(
     let secs = started.elapsed().as_secs_f64();
     let up = counts.to_target.load(Ordering::Relaxed);
     let down = counts.from_target.load(Ordering::Relaxed);
+    drop(counts);
     match end {
         End::Normal => log::info!(
             target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs;
@@ -481,13 +508,6 @@ enum End {
     Error(io::Error),
 }
 
-/// Bytes moved by a channel, each way.
-#[derive(Default)]
-struct Counts {
-    to_target: AtomicU64,
-    from_target: AtomicU64,
-}
-
 /// Copy both ways until both sides are done. EOF in one direction is passed on as a
 /// half-close and the other direction keeps flowing. A close from the server, an overflow,
 /// or an error on either side ends both.
@@ -497,10 +517,9 @@ async fn splice<W: AsyncWrite + Unpin>(
     channel: &ChannelWriteHalf<Msg>,
     writer: &mut W,
     backlog: &Backlog,
-    counts: &Counts,
+    counts: &ChannelStat,
 ) -> End {
     let (tr, mut tw) = target.into_split();
-    let (to_target, from_target) = (&counts.to_target, &counts.from_target);
     let server_eof = AtomicBool::new(false);
 
     let end = {
@@ -524,7 +543,7 @@ async fn splice<W: AsyncWrite + Unpin>(
                 }
                 write_all_vectored(&mut tw, &mut batch).await?;
                 input.consumed(len);
-                to_target.fetch_add(len as u64, Ordering::Relaxed);
+                counts.add_to_target(len as u64);
             }
             if input.eof {
                 server_eof.store(true, Ordering::Relaxed);
@@ -561,7 +580,7 @@ async fn splice<W: AsyncWrite + Unpin>(
                     Ok(n) => {
                         writer.write_all(&buf).await?;
                         drop(turn);
-                        from_target.fetch_add(n as u64, Ordering::Relaxed);
+                        counts.add_from_target(n as u64);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),

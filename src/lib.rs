@@ -6,13 +6,17 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod constants;
+pub mod doctor;
 pub mod error;
 pub mod forward;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod socks;
+pub mod status;
 pub mod supervisor;
 pub mod systemd;
+pub mod telemetry;
 pub mod transport;
 pub mod tunnel;
 

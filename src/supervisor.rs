@@ -11,6 +11,7 @@ use crate::config::{self, Config, Sources};
 use crate::constants::{BACKOFF_RESET_AFTER, REPEAT_LOG_LIMIT};
 use crate::error::TunnelError;
 use crate::forward::Forwarder;
+use crate::telemetry::Telemetry;
 use crate::tunnel::{self, Session};
 use crate::{logging, systemd};
 
@@ -28,6 +29,8 @@ pub struct Options {
     pub sources: Sources,
     /// `--log-level`, which wins over `[log] level` across reloads.
     pub log_level: Option<log::LevelFilter>,
+    /// Where the state is published for `status` and the metrics endpoint.
+    pub telemetry: Arc<Telemetry>,
 }
 
 enum Flow {
@@ -51,7 +54,7 @@ struct Supervisor {
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
 pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Control>) {
     let mut sup = Supervisor {
-        fwd: Arc::new(Forwarder::new(cfg.forward.clone())),
+        fwd: Arc::new(Forwarder::new(cfg.forward.clone(), opts.telemetry.clone())),
         cfg,
         opts,
         control,
@@ -83,6 +86,7 @@ impl Supervisor {
         if self.failures.last.is_none() {
             let t = &self.cfg.tunnel;
             self.set_status(format!("connecting to {}:{}", t.host, t.port));
+            self.opts.telemetry.connecting();
         }
         let attempt = tunnel::establish(&self.cfg.tunnel, self.fwd.clone());
         let result = tokio::select! {
@@ -97,6 +101,7 @@ impl Supervisor {
                     tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
                     "tunnel up: connected to {} as {}, the server listens on {addr}:{port}", session.server, self.cfg.tunnel.user);
                 self.session = Some(session);
+                self.opts.telemetry.up();
                 let status = self.connected_status();
                 self.last_status = status.clone();
                 systemd::ready(&status);
@@ -108,6 +113,7 @@ impl Supervisor {
                     _ => self.backoff.next_delay(),
                 };
                 self.failures.report(&e, delay, &self.cfg);
+                self.opts.telemetry.down(&e.to_string());
                 self.set_status(format!(
                     "reconnecting in {}s: {e}",
                     delay.as_secs_f64().ceil()
@@ -142,6 +148,9 @@ impl Supervisor {
             self.backoff.reset();
         }
         let delay = self.backoff.next_delay();
+        self.opts
+            .telemetry
+            .down(&format!("tunnel lost after {}s: {lost}", lived.as_secs()));
         log::warn!(
             tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, error_class = lost.class();
             "tunnel lost after {}s: {lost}; reconnecting in {:.1}s", lived.as_secs(), delay.as_secs_f64());
@@ -189,6 +198,7 @@ impl Supervisor {
                     .unwrap_or("invalid configuration");
                 let note =
                     format!("config reload failed: {first}; running with the previous config");
+                self.opts.telemetry.error(&note);
                 let status = match &self.session {
                     Some(s) => status_line(&self.cfg, s, Some(&note)),
                     None => note.clone(),
@@ -206,6 +216,11 @@ impl Supervisor {
         logging::set_level(self.opts.log_level.unwrap_or(new.log.level));
         self.fwd.update(new.forward.clone());
         let tunnel_changed = new.tunnel != self.cfg.tunnel;
+        if new.metrics != self.cfg.metrics {
+            log::warn!("[metrics] changed: the metrics endpoint moves at the next restart");
+        }
+        let (server, listen) = endpoints(&new);
+        self.opts.telemetry.set_endpoints(server, listen);
         self.cfg = new;
         if tunnel_changed {
             log::info!("tunnel settings changed: opening a new session; open channels of the old one may finish");
@@ -235,6 +250,7 @@ impl Supervisor {
 
     async fn shutdown(&mut self) {
         systemd::stopping();
+        self.opts.telemetry.stopping();
         let Some(session) = self.session.take() else {
             log::info!("stopping");
             return;
@@ -271,6 +287,15 @@ impl Supervisor {
             self.last_status = status;
         }
     }
+}
+
+/// `host:port` of the server and `address:port` of the remote listener, as `status` shows them.
+pub fn endpoints(cfg: &Config) -> (String, String) {
+    let t = &cfg.tunnel;
+    (
+        format!("{}:{}", t.host, t.port),
+        format!("{}:{}", t.listen_address, t.listen_port),
+    )
 }
 
 /// The STATUS line while connected, after the note of a failed reload if there is one.

@@ -1,0 +1,367 @@
+//! What the agent knows about itself: the session's state, its open channels and counters.
+//! `status` (status.rs) shows a [`Snapshot`] of it; the metrics endpoint (metrics.rs) encodes
+//! the counters. Channel tasks and the supervisor write here; nothing here waits.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge as PromGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::forward::Gauge;
+
+/// The tunnel's state as `status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Connecting,
+    Up,
+    Reconnecting,
+    Stopping,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Up => "up",
+            State::Reconnecting => "reconnecting",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// Everything `status` prints, as sent over the status socket (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: String,
+    pub pid: u32,
+    pub instance: Option<String>,
+    pub state: State,
+    /// `host:port` of the SSH server.
+    pub server: String,
+    /// Where the server listens for Secoda's connections, `address:port`.
+    pub listen: String,
+    /// Unix seconds; set while the tunnel is up.
+    pub connected_since: Option<u64>,
+    /// Sessions established after the first one.
+    pub reconnects: u64,
+    pub last_error: Option<LastError>,
+    pub channels: Vec<ChannelSnapshot>,
+    /// Unix seconds when this snapshot was taken.
+    pub now: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastError {
+    pub message: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelSnapshot {
+    pub target: String,
+    pub originator: String,
+    pub age_s: f64,
+    pub bytes_to_target: u64,
+    pub bytes_from_target: u64,
+}
+
+/// Why a channel ended before or at its start, for `channels_opened_total{outcome}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+/// The counters, registered once; the hot path holds clones of the handles (atomics).
+pub struct Metrics {
+    registry: Registry,
+    tunnel_up: PromGauge,
+    reconnects: Counter,
+    session_age: PromGauge<f64, AtomicU64>,
+    channels_active: PromGauge,
+    opened: Family<OutcomeLabels, Counter>,
+    pub bytes_to_target: Counter,
+    pub bytes_from_target: Counter,
+    pub socks_handshake: Histogram,
+    pub target_connect: Histogram,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("secoda_agent");
+        let tunnel_up = PromGauge::default();
+        let reconnects = Counter::default();
+        let session_age = PromGauge::<f64, AtomicU64>::default();
+        let channels_active = PromGauge::default();
+        let opened = Family::<OutcomeLabels, Counter>::default();
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        // 100 us .. ~6.5 s: a SOCKS request arrives in well under a millisecond on a healthy
+        // tunnel; a target connect is a LAN round trip or a timeout.
+        let socks_handshake = Histogram::new(exponential_buckets(0.0001, 4.0, 9));
+        let target_connect = Histogram::new(exponential_buckets(0.0001, 4.0, 9));
+        registry.register(
+            "tunnel_up",
+            "1 while the SSH session is established with the remote forward in place",
+            tunnel_up.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Sessions established after the first one",
+            reconnects.clone(),
+        );
+        registry.register(
+            "session_age_seconds",
+            "How long the current session has been up (0 while down)",
+            session_age.clone(),
+        );
+        registry.register(
+            "channels_active",
+            "Forwarded channels open now, including those still in their SOCKS handshake",
+            channels_active.clone(),
+        );
+        registry.register(
+            "channels_opened",
+            "Channels by how they started: ok, or why they were refused",
+            opened.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes moved through channels, by direction (to_target: from Secoda to the target)",
+            bytes.clone(),
+        );
+        registry.register(
+            "socks_handshake_seconds",
+            "Time from channel open to a complete SOCKS request",
+            socks_handshake.clone(),
+        );
+        registry.register(
+            "target_connect_seconds",
+            "Time to resolve and connect to a target (successful connects)",
+            target_connect.clone(),
+        );
+        let bytes_to_target = bytes
+            .get_or_create(&DirectionLabels {
+                direction: "to_target",
+            })
+            .clone();
+        let bytes_from_target = bytes
+            .get_or_create(&DirectionLabels {
+                direction: "from_target",
+            })
+            .clone();
+        Metrics {
+            registry,
+            tunnel_up,
+            reconnects,
+            session_age,
+            channels_active,
+            opened,
+            bytes_to_target,
+            bytes_from_target,
+            socks_handshake,
+            target_connect,
+        }
+    }
+
+    pub fn channel_outcome(&self, outcome: &'static str) {
+        self.opened.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+struct Inner {
+    state: State,
+    server: String,
+    listen: String,
+    connected: Option<(SystemTime, Instant)>,
+    sessions: u64,
+    last_error: Option<LastError>,
+}
+
+/// One open channel, as listed by `status`. Unlisted when dropped.
+pub struct ChannelStat {
+    pub target: String,
+    pub originator: String,
+    opened: Instant,
+    pub to_target: AtomicU64,
+    pub from_target: AtomicU64,
+    id: u64,
+    owner: Arc<Telemetry>,
+}
+
+impl ChannelStat {
+    pub fn add_to_target(&self, n: u64) {
+        self.to_target.fetch_add(n, Ordering::Relaxed);
+        self.owner.metrics.bytes_to_target.inc_by(n);
+    }
+
+    pub fn add_from_target(&self, n: u64) {
+        self.from_target.fetch_add(n, Ordering::Relaxed);
+        self.owner.metrics.bytes_from_target.inc_by(n);
+    }
+}
+
+impl Drop for ChannelStat {
+    fn drop(&mut self) {
+        lock(&self.owner.channels).remove(&self.id);
+    }
+}
+
+pub struct Telemetry {
+    instance: Option<String>,
+    inner: Mutex<Inner>,
+    channels: Mutex<BTreeMap<u64, std::sync::Weak<ChannelStat>>>,
+    next_id: AtomicU64,
+    /// Every open channel, across sessions (the forwarder counts into it).
+    pub active: Arc<Gauge>,
+    pub metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Telemetry {
+    pub fn new(instance: Option<String>, server: String, listen: String) -> Arc<Self> {
+        Arc::new(Telemetry {
+            instance,
+            inner: Mutex::new(Inner {
+                state: State::Connecting,
+                server,
+                listen,
+                connected: None,
+                sessions: 0,
+                last_error: None,
+            }),
+            channels: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+            active: Arc::new(Gauge::default()),
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The tunnel's endpoints, when a reload changes them.
+    pub fn set_endpoints(&self, server: String, listen: String) {
+        let mut i = lock(&self.inner);
+        i.server = server;
+        i.listen = listen;
+    }
+
+    pub fn connecting(&self) {
+        let mut i = lock(&self.inner);
+        if i.state != State::Reconnecting {
+            i.state = State::Connecting;
+        }
+    }
+
+    pub fn up(&self) {
+        let mut i = lock(&self.inner);
+        i.state = State::Up;
+        i.connected = Some((SystemTime::now(), Instant::now()));
+        i.sessions += 1;
+        if i.sessions > 1 {
+            self.metrics.reconnects.inc();
+        }
+        self.metrics.tunnel_up.set(1);
+    }
+
+    /// A failed attempt or a lost session: the tunnel is down and retrying.
+    pub fn down(&self, error: &str) {
+        let mut i = lock(&self.inner);
+        i.state = State::Reconnecting;
+        i.connected = None;
+        self.metrics.tunnel_up.set(0);
+        drop(i);
+        self.error(error);
+    }
+
+    /// Record an error without changing the state (e.g. a failed reload).
+    pub fn error(&self, error: &str) {
+        lock(&self.inner).last_error = Some(LastError {
+            message: error.to_string(),
+            at: unix(SystemTime::now()),
+        });
+    }
+
+    pub fn stopping(&self) {
+        lock(&self.inner).state = State::Stopping;
+        self.metrics.tunnel_up.set(0);
+    }
+
+    /// List a channel (once its target is connected) until the returned handle is dropped.
+    pub fn open_channel(self: &Arc<Self>, target: String, originator: String) -> Arc<ChannelStat> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stat = Arc::new(ChannelStat {
+            target,
+            originator,
+            opened: Instant::now(),
+            to_target: AtomicU64::new(0),
+            from_target: AtomicU64::new(0),
+            id,
+            owner: self.clone(),
+        });
+        lock(&self.channels).insert(id, Arc::downgrade(&stat));
+        stat
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let i = lock(&self.inner);
+        let channels = lock(&self.channels)
+            .values()
+            .filter_map(|w| w.upgrade())
+            .map(|c| ChannelSnapshot {
+                target: c.target.clone(),
+                originator: c.originator.clone(),
+                age_s: c.opened.elapsed().as_secs_f64(),
+                bytes_to_target: c.to_target.load(Ordering::Relaxed),
+                bytes_from_target: c.from_target.load(Ordering::Relaxed),
+            })
+            .collect();
+        Snapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            instance: self.instance.clone(),
+            state: i.state,
+            server: i.server.clone(),
+            listen: i.listen.clone(),
+            connected_since: i.connected.map(|(t, _)| unix(t)),
+            reconnects: i.sessions.saturating_sub(1),
+            last_error: i.last_error.clone(),
+            channels,
+            now: unix(SystemTime::now()),
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode_metrics(&self) -> String {
+        let age = lock(&self.inner)
+            .connected
+            .map(|(_, t)| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        self.metrics.session_age.set(age);
+        self.metrics.channels_active.set(self.active.get() as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.metrics.registry);
+        out
+    }
+}
