@@ -4,21 +4,32 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 pub const USAGE: &str = "\
-usage: secoda-agent [run] [--config PATH] [--env-file PATH] [--log-level LEVEL]
-       secoda-agent check-config [--config PATH] [--env-file PATH]
+usage: secoda-agent [run] [--config PATH] [--env-file PATH] [--instance NAME] [--log-level LEVEL]
+       secoda-agent check-config [--config PATH] [--env-file PATH] [--instance NAME]
+       secoda-agent status [--json] [--instance NAME] [--socket PATH]
+       secoda-agent doctor [--config PATH] [--env-file PATH] [--instance NAME]
        secoda-agent --version | --help
 
   run             keep the tunnel up (the default)
   check-config    validate the configuration without connecting; exit 0 or 78
+  status          ask the running agent how the tunnel is: exit 0 up, 3 down, 4 not running
+  doctor          check step by step that this host can run the tunnel; exit 0 if all pass
   --config PATH   TOML configuration (default /etc/secoda-agent/agent.toml, if present)
   --env-file PATH KEY=VALUE file as the Docker image takes it
                   (default /etc/secoda-agent/agent.env, if present)
+  --instance NAME one of several tunnels on this host (secoda-agent@NAME.service): the
+                  defaults become /etc/secoda-agent/NAME.toml and NAME.env, the status
+                  socket /run/secoda-agent-NAME/status.sock
+  --json          status as JSON
+  --socket PATH   status socket to ask (default: in $RUNTIME_DIRECTORY, else as above)
   --log-level L   error, warn, info, debug or trace (overrides [log] level)";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Run,
     CheckConfig,
+    Status,
+    Doctor,
     Version,
     Help,
 }
@@ -29,6 +40,9 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     pub env_file: Option<PathBuf>,
     pub log_level: Option<String>,
+    pub instance: Option<String>,
+    pub json: bool,
+    pub socket: Option<PathBuf>,
 }
 
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
@@ -37,6 +51,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         config: None,
         env_file: None,
         log_level: None,
+        instance: None,
+        json: false,
+        socket: None,
     };
     let mut command_seen = false;
     let mut args = args.into_iter().skip(1);
@@ -63,13 +80,25 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             "--log-level" => cli.log_level = Some(value("--log-level")?),
             "--version" | "-V" => cli.command = Command::Version,
             "--help" | "-h" => cli.command = Command::Help,
-            "run" | "check-config" if !command_seen => {
+            "--instance" => {
+                let name = value("--instance")?;
+                if !valid_instance(&name) {
+                    return Err(format!(
+                        "--instance '{name}': use letters, digits, '-', '_' or '.' (not first)"
+                    ));
+                }
+                cli.instance = Some(name);
+            }
+            "--json" => cli.json = true,
+            "--socket" => cli.socket = Some(PathBuf::from(value("--socket")?)),
+            "run" | "check-config" | "status" | "doctor" if !command_seen => {
                 command_seen = true;
                 if cli.command == Command::Run {
-                    cli.command = if arg == "run" {
-                        Command::Run
-                    } else {
-                        Command::CheckConfig
+                    cli.command = match arg.as_str() {
+                        "run" => Command::Run,
+                        "check-config" => Command::CheckConfig,
+                        "status" => Command::Status,
+                        _ => Command::Doctor,
                     };
                 }
             }
@@ -77,6 +106,16 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         }
     }
     Ok(cli)
+}
+
+/// An instance name becomes part of file and directory names: keep it to a safe alphabet.
+fn valid_instance(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -109,5 +148,12 @@ mod tests {
         assert!(p(&["--config"]).is_err());
         assert!(p(&["bogus"]).is_err());
         assert!(p(&["run", "run"]).is_err());
+        let s = p(&["status", "--json", "--instance", "eu"]).unwrap();
+        assert_eq!(s.command, Command::Status);
+        assert!(s.json);
+        assert_eq!(s.instance.as_deref(), Some("eu"));
+        assert_eq!(p(&["doctor"]).unwrap().command, Command::Doctor);
+        assert!(p(&["--instance", "../etc"]).is_err());
+        assert!(p(&["--instance", ".hidden"]).is_err());
     }
 }

@@ -40,6 +40,8 @@ pub struct Sources {
     pub env_file: Option<PathBuf>,
     /// The process environment's `SSH_*` values (injected so tests need not touch the real one).
     pub env: BTreeMap<String, String>,
+    /// `--instance NAME`: the default paths become `/etc/secoda-agent/NAME.toml` and `NAME.env`.
+    pub instance: Option<String>,
 }
 
 impl Sources {
@@ -58,6 +60,7 @@ pub struct Config {
     pub tunnel: TunnelConfig,
     pub forward: ForwardConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Which files were read, for messages and `check-config`.
     pub origin: String,
     pub warnings: Vec<String>,
@@ -85,6 +88,12 @@ pub struct ForwardConfig {
     pub max_pending: u64,
     pub shutdown_timeout: Duration,
     pub policy: Policy,
+}
+
+/// `[metrics]`: off unless `listen` is set. Read at start only.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MetricsConfig {
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +180,8 @@ struct RawFile {
     forward: RawForward,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +212,12 @@ struct RawForward {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
 }
@@ -219,11 +236,11 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
 
     let (toml_path, toml_required) = match &sources.config {
         Some(p) => (p.clone(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        None => (default_path(sources, DEFAULT_CONFIG_PATH, "toml"), false),
     };
     let (env_path, env_required) = match &sources.env_file {
         Some(p) => (p.clone(), true),
-        None => (PathBuf::from(DEFAULT_ENV_FILE_PATH), false),
+        None => (default_path(sources, DEFAULT_ENV_FILE_PATH, "env"), false),
     };
 
     let mut raw = RawFile::default();
@@ -482,6 +499,17 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         }),
     };
 
+    let metrics_listen = raw.metrics.listen.as_deref().and_then(|l| {
+        l.parse::<std::net::SocketAddr>()
+            .map_err(|_| {
+                errors.push(format!(
+                    "{}: '{l}' is not an address and port (e.g. \"127.0.0.1:9810\")",
+                    toml_at("metrics", "listen")
+                ))
+            })
+            .ok()
+    });
+
     if origin.is_empty() && errors.is_empty() {
         errors.push(format!(
             "no configuration found: neither {toml_name} nor {env_name} exists, and no SSH_* variables are set"
@@ -514,6 +542,9 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             policy,
         },
         log: LogConfig { level },
+        metrics: MetricsConfig {
+            listen: metrics_listen,
+        },
         origin: origin.join(", "),
         warnings,
     })
@@ -545,6 +576,7 @@ impl Config {
              forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel\n\
              policy:        {policy}\n\
              shutdown:      channels drain for up to {st:?}\n\
+             metrics:       {metrics}\n\
              log level:     {lvl}",
             origin = self.origin,
             user = t.user,
@@ -562,6 +594,10 @@ impl Config {
             policy = f.policy,
             st = f.shutdown_timeout,
             lvl = self.log.level,
+            metrics = match self.metrics.listen {
+                Some(a) => format!("http://{a}/metrics"),
+                None => "off".to_string(),
+            },
         )
     }
 }
@@ -572,6 +608,15 @@ fn show_size(n: u64) -> String {
         n if n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
         n if n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
         n => format!("{n} bytes"),
+    }
+}
+
+/// The default file, or the instance's file of that kind beside it.
+fn default_path(sources: &Sources, default: &str, ext: &str) -> PathBuf {
+    let default = PathBuf::from(default);
+    match &sources.instance {
+        Some(name) => default.with_file_name(format!("{name}.{ext}")),
+        None => default,
     }
 }
 

@@ -73,5 +73,14 @@ pub const SPLICE_BATCH: usize = 256 * 1024;
 pub const SPLICE_IOVECS: usize = 32;
 /// Target -> server copies read this much at a time: one SSH packet (russh copies it again).
 pub const SPLICE_BUFFER_SIZE: usize = 32 * 1024;
+/// The runtime directory when systemd does not name one (`-NAME` is added for an instance).
+pub const RUNTIME_DIR_BASE: &str = "/run/secoda-agent";
+pub const STATUS_SOCKET_NAME: &str = "status.sock";
+/// `status` waits this long for the agent's answer.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Each `doctor` step gives up after this long.
+pub const DOCTOR_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The metrics endpoint drops a client that has not sent its request within this time.
+pub const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A config file larger than this is refused before it is parsed.
 pub const MAX_CONFIG_FILE_SIZE: u64 = 1024 * 1024;

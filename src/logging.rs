@@ -6,10 +6,10 @@ use std::io::Write;
 use log::{Log, Metadata, Record};
 
 /// Install the logger. Call once, before anything logs.
-pub fn init(level: log::LevelFilter) {
+pub fn init(level: log::LevelFilter, instance: Option<&str>) {
     if systemd_journal_logger::connected_to_journal() {
         if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
-            let journal = journal.with_syslog_identifier(identifier());
+            let journal = journal.with_syslog_identifier(identifier(instance));
             if journal.install().is_ok() {
                 log::set_max_level(level);
                 return;
@@ -22,8 +22,11 @@ pub fn init(level: log::LevelFilter) {
 }
 
 /// `secoda-agent`, or `secoda-agent@NAME` under a template unit's instance.
-fn identifier() -> String {
-    "secoda-agent".to_string()
+fn identifier(instance: Option<&str>) -> String {
+    match instance {
+        Some(name) => format!("secoda-agent@{name}"),
+        None => "secoda-agent".to_string(),
+    }
 }
 
 pub fn set_level(level: log::LevelFilter) {

@@ -3,7 +3,8 @@ use std::process::ExitCode;
 use secoda_agent::cli::{self, Command};
 use secoda_agent::config::{self, Sources};
 use secoda_agent::supervisor::{self, Control, Options};
-use secoda_agent::{exit, logging, systemd};
+use secoda_agent::telemetry::Telemetry;
+use secoda_agent::{doctor, exit, logging, metrics, status, systemd};
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         config: cli.config.clone(),
         env_file: cli.env_file.clone(),
         env: Sources::process_env(),
+        instance: cli.instance.clone(),
     };
     match cli.command {
         Command::Version => {
@@ -53,11 +55,68 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::CONFIG)
             }
         },
-        Command::Run => run(sources, log_level),
+        Command::Status => status(&cli),
+        Command::Doctor => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("secoda-agent: cannot start the runtime: {e}");
+                    return ExitCode::from(exit::FAILURE);
+                }
+            };
+            let socket = status_socket(&cli);
+            ExitCode::from(runtime.block_on(doctor::run(&sources, &socket)))
+        }
+        Command::Run => run(sources, cli.instance.clone(), log_level),
     }
 }
 
-fn run(sources: Sources, log_level: Option<log::LevelFilter>) -> ExitCode {
+/// `--socket`, else the runtime directory's socket (see status.rs).
+fn status_socket(cli: &cli::Cli) -> std::path::PathBuf {
+    cli.socket.clone().unwrap_or_else(|| {
+        status::socket_path(
+            cli.instance.as_deref(),
+            std::env::var("RUNTIME_DIRECTORY").ok().as_deref(),
+        )
+    })
+}
+
+fn status(cli: &cli::Cli) -> ExitCode {
+    match status::query(&status_socket(cli)) {
+        Ok(snapshot) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&snapshot).unwrap_or_default()
+                );
+            } else {
+                print!("{}", status::render(&snapshot));
+            }
+            ExitCode::from(status::exit_code(&snapshot))
+        }
+        Err(status::QueryError::NotRunning(m)) => {
+            eprintln!("{m}");
+            ExitCode::from(status::exit::NOT_RUNNING)
+        }
+        Err(status::QueryError::NoPermission(m)) => {
+            eprintln!("{m}");
+            ExitCode::from(status::exit::NO_PERMISSION)
+        }
+        Err(status::QueryError::Garbled(m)) => {
+            eprintln!("{m}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+fn run(
+    sources: Sources,
+    instance: Option<String>,
+    log_level: Option<log::LevelFilter>,
+) -> ExitCode {
     let cfg = match config::load(&sources) {
         Ok(c) => c,
         Err(e) => {
@@ -65,7 +124,7 @@ fn run(sources: Sources, log_level: Option<log::LevelFilter>) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    logging::init(log_level.unwrap_or(cfg.log.level));
+    logging::init(log_level.unwrap_or(cfg.log.level), instance.as_deref());
     raise_open_file_limit();
     for w in &cfg.warnings {
         log::warn!("{w}");
@@ -101,7 +160,24 @@ fn run(sources: Sources, log_level: Option<log::LevelFilter>) -> ExitCode {
         if let Some(interval) = systemd::watchdog_interval() {
             tokio::spawn(systemd::watchdog(interval, systemd::watchdog_ping));
         }
-        supervisor::run(cfg, Options { sources, log_level }, rx).await;
+        let (server, listen) = supervisor::endpoints(&cfg);
+        let telemetry = Telemetry::new(instance.clone(), server, listen);
+        serve_status(&instance, &telemetry).await;
+        if let Some(addr) = cfg.metrics.listen {
+            match metrics::bind(addr).await {
+                Ok(l) => {
+                    log::info!("metrics at http://{addr}/metrics");
+                    tokio::spawn(metrics::serve(l, telemetry.clone()));
+                }
+                Err(e) => log::error!(error_class = "metrics"; "[metrics] listen = \"{addr}\": cannot listen there: {e}; the tunnel runs without metrics"),
+            }
+        }
+        let opts = Options {
+            sources,
+            log_level,
+            telemetry,
+        };
+        supervisor::run(cfg, opts, rx).await;
         Ok::<(), std::io::Error>(())
     });
     // Channel tasks still running after a forced stop are dropped with the runtime.
@@ -112,6 +188,23 @@ fn run(sources: Sources, log_level: Option<log::LevelFilter>) -> ExitCode {
             eprintln!("secoda-agent: cannot install signal handlers: {e}");
             ExitCode::from(exit::FAILURE)
         }
+    }
+}
+
+/// The status socket for `secoda-agent status`; without it the tunnel still runs.
+async fn serve_status(instance: &Option<String>, telemetry: &std::sync::Arc<Telemetry>) {
+    let path = status::socket_path(
+        instance.as_deref(),
+        std::env::var("RUNTIME_DIRECTORY").ok().as_deref(),
+    );
+    match status::bind(&path).await {
+        Ok(l) => {
+            tokio::spawn(status::serve(l, telemetry.clone()));
+        }
+        Err(e) => log::warn!(
+            "status socket {} not available: {e}; `secoda-agent status` will not reach this agent",
+            path.display()
+        ),
     }
 }
 

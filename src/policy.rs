@@ -74,6 +74,20 @@ impl Policy {
         }
     }
 
+    /// The `allow` entries that name one host (no wildcard), with their first port if they
+    /// name ports: what `doctor` can try to reach.
+    pub fn allowed_hosts(&self) -> Vec<(String, Option<u16>, String)> {
+        self.allow
+            .iter()
+            .filter_map(|r| match &r.target {
+                Target::Name(n) if !n.starts_with("*.") => {
+                    Some((n.clone(), r.ports.map(|p| p.0), r.text.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Decide for a connection to `ip:port`, asked for as `name` (None when the request
     /// carried an address).
     pub fn check(&self, name: Option<&str>, ip: IpAddr, port: u16) -> Result<(), Denial> {

@@ -246,7 +246,7 @@ async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) 
     }
 }
 
-fn ssh_config(t: &TunnelConfig) -> client::Config {
+pub(crate) fn ssh_config(t: &TunnelConfig) -> client::Config {
     client::Config {
         // russh's own keepalive: ping when the server has been quiet for keepalive_interval.
         // russh gives up when the timer fires with more than `keepalive_max` pings unanswered,
@@ -406,7 +406,10 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     })
 }
 
-async fn authenticate(handle: &mut Handle<Client>, t: &TunnelConfig) -> Result<(), TunnelError> {
+pub(crate) async fn authenticate<H: client::Handler>(
+    handle: &mut Handle<H>,
+    t: &TunnelConfig,
+) -> Result<(), TunnelError> {
     let key = t.key.key();
     let hash = if key.algorithm().is_rsa() {
         // OpenSSH 8.8+ refuses SHA-1 signatures; default to SHA-512 if the server is silent.

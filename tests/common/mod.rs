@@ -331,6 +331,7 @@ impl Agent {
         cmd.args(args)
             .env_remove("JOURNAL_STREAM")
             .env("NOTIFY_SOCKET", &sock_path)
+            .env("RUNTIME_DIRECTORY", dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -366,6 +367,25 @@ impl Agent {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("agent.toml")
+    }
+
+    /// The agent's status socket (its runtime directory is its temporary directory).
+    pub fn status_socket(&self) -> PathBuf {
+        self.dir.path().join("status.sock")
+    }
+
+    /// `secoda-agent status --socket ... [args]`: exit code and stdout (stderr appended).
+    pub fn status(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(agent_bin())
+            .arg("status")
+            .arg("--socket")
+            .arg(self.status_socket())
+            .args(args)
+            .output()
+            .unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
     }
 
     pub fn notifications(&self) -> Vec<String> {
