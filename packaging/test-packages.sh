@@ -38,7 +38,7 @@ rpm_files=$(rpm -qpl "$rpm_file" 2>/dev/null)
 echo "$rpm_info" | grep -qx "/etc/secoda-agent/agent.toml" || fail "agent.toml is not %config"
 rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file" | grep "^cn /etc/secoda-agent/agent.toml" >/dev/null \
     || fail "agent.toml is not %config(noreplace)"
-for f in /usr/bin/secoda-agent /usr/lib/systemd/system/secoda-agent.service /usr/share/man/man8/secoda-agent.8.gz; do
+for f in /usr/bin/secoda-agent /usr/lib/systemd/system/secoda-agent.service /usr/lib/systemd/system/secoda-agent@.service /usr/share/man/man8/secoda-agent.8.gz; do
     echo "$rpm_files" | grep -qx "$f" || fail "$f missing from the rpm"
 done
 echo "$rpm_info" | grep -q "useradd --system" || fail "%pre does not create the user"
@@ -70,6 +70,8 @@ cp "$deb" "$root/root/"
 start_test_sshd "$work"
 listen_port=$(free_port)
 web_port=$(free_port)
+eu_port=$(free_port)
+metrics_port=$(free_port)
 
 step "boot"
 systemd-nspawn -q -D "$root" --boot --register=no --keep-unit >"$work/nspawn.log" 2>&1 &
@@ -102,7 +104,7 @@ inside getent passwd secoda-agent >/dev/null || fail "no secoda-agent user"
 [ "$(inside systemctl is-active secoda-agent || true)" = "inactive" ] || fail "started on install"
 ok "installed: user, permissions, not enabled, not started"
 
-verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service 2>&1 || true)
+verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service /lib/systemd/system/secoda-agent@eu.service 2>&1 || true)
 [ -z "$verify" ] || fail "systemd-analyze verify: $verify"
 exposure=$(inside systemd-analyze security secoda-agent 2>&1 | sed -n 's/.*Overall exposure level for secoda-agent.service: \([0-9.]*\).*/\1/p')
 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 1.5) }' || fail "exposure $exposure > 1.5"
@@ -115,12 +117,12 @@ inside busybox httpd -p "127.0.0.1:$web_port" -h /srv/www
 install -m 0600 "$AGENT_KEY" "$root/etc/secoda-agent/id_ed25519"
 inside chown secoda-agent:secoda-agent /etc/secoda-agent/id_ed25519
 write_config() {
-    cat > "$root/etc/secoda-agent/agent.toml" <<CFG
+    cat > "$root/etc/secoda-agent/${1:-agent}.toml" <<CFG
 [tunnel]
 host = "127.0.0.1"
 port = $SSH_PORT
 user = "root"
-listen_port = $listen_port
+listen_port = ${2:-$listen_port}
 listen_address = "127.0.0.1"
 key_file = "/etc/secoda-agent/id_ed25519"
 host_keys = ["$HOST_KEY_LINE"]
@@ -176,6 +178,36 @@ write_config
 inside systemctl reload secoda-agent
 ok "broken config refused by reload; the old config keeps serving"
 
+step "status"
+out=$(inside secoda-agent status) || fail "status exit $? while up: $out"
+echo "$out" | grep "tunnel up" >/dev/null || fail "status: $out"
+[ "$(inside stat -c '%U:%G %a' /run/secoda-agent/status.sock)" = "secoda-agent:secoda-agent 660" ] \
+    || fail "status socket: $(inside stat -c '%U:%G %a' /run/secoda-agent/status.sock)"
+code=0; inside setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/secoda-agent status >/dev/null 2>&1 || code=$?
+[ "$code" = 77 ] || fail "a user outside group secoda-agent got exit $code from status (expected 77)"
+ok "status says up (exit 0); the socket is for root and group secoda-agent only"
+
+step "a second tunnel: secoda-agent@eu"
+write_config eu "$eu_port"
+printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$metrics_port" >> "$root/etc/secoda-agent/eu.toml"
+inside chown root:secoda-agent /etc/secoda-agent/eu.toml
+inside chmod 0640 /etc/secoda-agent/eu.toml
+# Type=notify with TimeoutStartSec=infinity: bound the wait here.
+timeout 60 nsenter -t "$init_pid" -a systemctl start secoda-agent@eu || fail "secoda-agent@eu did not start: $(inside systemctl status secoda-agent@eu --no-pager -l 2>&1)"
+[ "$(inside systemctl is-active secoda-agent@eu)" = "active" ] || fail "secoda-agent@eu not active"
+inside secoda-agent status --instance eu | grep "secoda-agent@eu .*tunnel up" >/dev/null || fail "status --instance eu: $(inside secoda-agent status --instance eu)"
+page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$eu_port" "http://localhost:$web_port/")
+[ "$page" = "hello from inside the container" ] || fail "curl through the eu tunnel: $page"
+page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/")
+[ "$page" = "hello from inside the container" ] || fail "the first tunnel stopped serving: $page"
+curl -sS --max-time 5 "http://127.0.0.1:$metrics_port/metrics" | grep "^secoda_agent_tunnel_up 1" >/dev/null \
+    || fail "no metrics from secoda-agent@eu"
+inside journalctl -t secoda-agent@eu --no-pager -q | grep "tunnel up" >/dev/null || fail "no journal entries as secoda-agent@eu"
+inside systemctl stop secoda-agent@eu
+inside test ! -e /run/secoda-agent-eu || fail "the eu runtime directory outlived its instance"
+inside secoda-agent status >/dev/null || fail "stopping the eu instance touched the first tunnel"
+ok "template unit: two tunnels side by side, own status socket, metrics and journal identity"
+
 step "watchdog"
 old_pid=$(inside systemctl show -p MainPID --value secoda-agent)
 inside /bin/sh -c "kill -STOP $old_pid"
@@ -203,7 +235,7 @@ ok "upgrade restarted the agent and kept the config"
 
 step "purge"
 inside env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q secoda-agent >/dev/null
-for p in /etc/secoda-agent /usr/bin/secoda-agent /lib/systemd/system/secoda-agent.service /usr/share/doc/secoda-agent; do
+for p in /etc/secoda-agent /usr/bin/secoda-agent /lib/systemd/system/secoda-agent.service /lib/systemd/system/secoda-agent@.service /usr/share/doc/secoda-agent; do
     [ ! -e "$root$p" ] || fail "$p left behind after purge"
 done
 [ "$(inside systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after purge"

@@ -362,3 +362,41 @@ async fn journald_entries_carry_structured_fields() {
         .unwrap()
         .contains("tunnel up"));
 }
+
+/// The template unit is the main unit plus instance lines: the hardening cannot drift apart.
+#[test]
+fn the_template_unit_is_the_main_unit_plus_instance_lines() {
+    let read = |name: &str| {
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("systemd")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let main = read("secoda-agent.service");
+    let template = read("secoda-agent@.service");
+    for line in [
+        "ExecStart=/usr/bin/secoda-agent run --instance %i",
+        "ExecStartPre=/usr/bin/secoda-agent check-config --instance %i",
+        "ExecReload=/usr/bin/secoda-agent check-config --instance %i",
+        "RuntimeDirectory=secoda-agent-%i",
+        "SyslogIdentifier=secoda-agent@%i",
+    ] {
+        assert!(template.lines().any(|l| l == line), "template lacks {line}");
+    }
+    let normal = |unit: &str| -> Vec<String> {
+        unit.lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && !l.starts_with("Description=")
+                    && !l.starts_with("SyslogIdentifier=")
+            })
+            .map(|l| {
+                l.replace(" --instance %i", "")
+                    .replace("secoda-agent-%i", "secoda-agent")
+            })
+            .collect()
+    };
+    assert_eq!(normal(&main), normal(&template));
+}
