@@ -31,6 +31,9 @@ pub const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// From TCP connect to an authenticated session with the forward in place. A server that
 /// accepts TCP and then says nothing (Secoda's "stuck on the version number") ends here.
 pub const SSH_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After both sides sent EOF, how long a channel waits for the server to close it before
+/// closing it itself.
+pub const CHANNEL_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// A channel must finish its SOCKS request within this time.
 pub const SOCKS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the session is probed with a ping that must come back, to catch a session whose
@@ -49,6 +52,15 @@ pub const REPEAT_LOG_LIMIT: u32 = 3;
 /// 32 KiB packets match OpenSSH's channel packet size.
 pub const SSH_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;
+/// Key re-exchange, initiated by us only past these bounds: twice OpenSSH's own bound for
+/// AES-GCM (2^32 blocks = 64 GiB; 1 GiB for chacha20-poly1305), so that the server, which
+/// rekeys at its bound, always starts it. russh 0.65 drops a session when more than twice the
+/// window of the server's data arrives between our KEXINIT and the server's (`Error::Pending`,
+/// client/mod.rs); under load the socket buffers alone hold more than that, so a rekey we start
+/// cut every open channel (seen in the soak: once every few GiB). A rekey the server starts has
+/// no such window. Like OpenSSH's client, no time-based rekey.
+pub const REKEY_AFTER_BYTES: usize = 128 << 30;
+pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Channel tasks stop producing output for the server while this much is already waiting in
 /// the transport's buffer (see transport.rs): bounds memory without ever blocking the session.
 pub const SSH_BACKLOG_HIGH: usize = 1024 * 1024;

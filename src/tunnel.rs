@@ -46,6 +46,8 @@ struct Client {
     backlog: Arc<Backlog>,
     intake: Arc<Intake>,
     inboxes: HashMap<ChannelId, Inbox>,
+    /// `inboxes` is pruned when it grows to this size.
+    prune_at: usize,
     /// Tells the [`Session`] why the session loop ended (see `disconnected` and `Drop`).
     ended: Option<oneshot::Sender<TunnelError>>,
     keepalive_window: Duration,
@@ -115,6 +117,12 @@ impl client::Handler for Client {
         drop(read_half); // see the module comment
         let settings = self.fwd.settings();
         let (inbox, input) = forward::inbox(settings.max_pending, self.intake.clone());
+        // A channel we had to close first gets no `channel_close` callback from russh: drop
+        // the inboxes of ended channels now and then (amortised over channel opens).
+        if self.inboxes.len() >= self.prune_at {
+            self.inboxes.retain(|_, i| !i.is_closed());
+            self.prune_at = (self.inboxes.len() * 2).max(64);
+        }
         self.inboxes.insert(id, inbox);
         let guard = GaugeGuard::new(vec![self.fwd.active.clone(), self.channels.clone()]);
         let origin = ChannelContext {
@@ -259,6 +267,11 @@ pub(crate) fn ssh_config(t: &TunnelConfig) -> client::Config {
         nodelay: true,
         // russh's queue from channel writers to the session (in packets); see Backlog.
         channel_buffer_size: SSH_SESSION_QUEUE,
+        limits: russh::Limits {
+            rekey_write_limit: REKEY_AFTER_BYTES,
+            rekey_read_limit: REKEY_AFTER_BYTES,
+            rekey_time_limit: REKEY_AFTER_TIME,
+        },
         preferred: Preferred {
             // AES-GCM first: with AES-NI it is about twice as fast as chacha20-poly1305.
             cipher: std::borrow::Cow::Borrowed(&[
@@ -344,6 +357,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         backlog: backlog.clone(),
         intake: intake.clone(),
         inboxes: HashMap::new(),
+        prune_at: 64,
         ended: Some(ended_tx),
         keepalive_window,
     };

@@ -161,6 +161,38 @@ async fn a_hundred_reloads_cut_none_of_fifty_transfers() {
     assert!(!agent.output().contains("tunnel lost"));
 }
 
+/// Key re-exchanges in the middle of heavy traffic on many channels (the server rekeys every
+/// 16 MiB here) cut nothing: every byte arrives and the session stays up.
+#[tokio::test]
+async fn rekeys_under_load_cut_no_channel() {
+    let sshd = Sshd::start_with("RekeyLimit 16M\nLogLevel DEBUG1\n");
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    agent.wait_ready().await;
+    let echo = echo_server().await;
+    let mut transfers = Vec::new();
+    for i in 0..16u64 {
+        transfers.push(tokio::spawn(async move {
+            match socks5(listen, "127.0.0.1", echo.port()).await {
+                (0, Some(s)) => echo_roundtrip(s, &payload(8 << 20, i)).await,
+                _ => false,
+            }
+        }));
+    }
+    let mut ok = 0;
+    for t in transfers {
+        ok += t.await.unwrap() as usize;
+    }
+    let rekeys = sshd.log().matches("SSH2_MSG_KEXINIT sent").count();
+    assert!(rekeys >= 4, "expected several key exchanges, saw {rekeys}");
+    assert_eq!(ok, 16, "transfers cut across {rekeys} key exchanges");
+    assert!(
+        !agent.output().contains("tunnel lost"),
+        "{}",
+        agent.output()
+    );
+}
+
 /// A target that resets mid-stream ends its own channel only.
 #[tokio::test]
 async fn a_target_reset_mid_stream_ends_only_its_channel() {

@@ -112,12 +112,13 @@ impl Sshd {
 
     fn write_config(&self) {
         let d = self.dir.path().display();
+        // The test's own lines first: for sshd the first value of an option wins.
         let cfg = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\n\
+            "{extra}\nPort {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\n\
              AuthorizedKeysFile {d}/authorized_keys\nPidFile none\nStrictModes no\nUsePAM no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
              PermitRootLogin prohibit-password\nGatewayPorts clientspecified\nAllowTcpForwarding remote\n\
-             LogLevel VERBOSE\n{extra}\n",
+             LogLevel VERBOSE\n",
             port = self.port,
             extra = self.extra_config
         );
