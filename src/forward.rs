@@ -21,7 +21,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::ForwardConfig;
-use crate::constants::{SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS};
+use crate::constants::{
+    CHANNEL_CLOSE_WAIT, SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS,
+};
 use crate::socks::{self, Host, Reply, Request};
 use crate::telemetry::{ChannelStat, Telemetry};
 use crate::transport::{Backlog, Intake};
@@ -111,6 +113,11 @@ impl Inbox {
 
     pub fn eof(&self) {
         let _ = self.tx.send(Inbound::Eof);
+    }
+
+    /// The channel's task has ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 
@@ -410,7 +417,16 @@ pub async fn serve_channel(
         end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
     };
-    let _ = channel.close().await;
+    // Both sides sent EOF: the server closes the channel itself, and russh (0.65) forgets a
+    // channel only when the close comes from the server (one we start leaves its entry
+    // behind for good, with ours), so wait for that close; otherwise, or if it is late, close.
+    let closed_by_server = matches!(end, End::Normal)
+        && tokio::time::timeout(CHANNEL_CLOSE_WAIT, input.closed())
+            .await
+            .is_ok_and(|overflow| overflow.is_none());
+    if !closed_by_server {
+        let _ = channel.close().await;
+    }
     drop(guard);
     let secs = started.elapsed().as_secs_f64();
     let up = counts.to_target.load(Ordering::Relaxed);

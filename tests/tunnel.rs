@@ -237,3 +237,48 @@ async fn a_stalled_socks_handshake_is_closed_after_the_timeout() {
     assert_eq!(code, 0);
     assert!(echo_roundtrip(c.unwrap(), b"fine").await);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+async fn short_channels(listen: u16, echo: u16, n: usize) {
+    let mut workers = Vec::new();
+    for w in 0..20 {
+        workers.push(tokio::spawn(async move {
+            for i in 0..n / 20 {
+                let (code, s) = socks5(listen, "127.0.0.1", echo).await;
+                assert_eq!(code, 0);
+                assert!(echo_roundtrip(s.unwrap(), &payload(2000, (w * 1000 + i) as u64)).await);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+}
+
+/// Every channel's state goes when the channel does: thousands of short channels must not
+/// grow the agent (russh keeps a channel it did not see the server close, so the agent lets
+/// the server close a finished channel; before that, each channel left ~4 KiB behind).
+#[tokio::test]
+async fn many_short_channels_leave_no_memory_behind() {
+    let (_sshd, agent, listen) = tunnel_up("").await;
+    let echo = echo_server().await;
+    let pid = agent.child.id();
+    short_channels(listen, echo.port(), 1000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    short_channels(listen, echo.port(), 6000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    assert!(
+        after < before + 8 * 1024,
+        "6,000 channels grew the agent from {before} KiB to {after} KiB"
+    );
+}
