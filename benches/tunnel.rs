@@ -25,8 +25,9 @@ struct Scale {
     fanout: usize,
     fanout_size: usize,
     rounds: usize,
-    /// `BENCH_ONLY=fanout`: skip the other measures (for tuning one thing quickly).
-    fanout_only: bool,
+    /// `BENCH_ONLY=fanout` or `BENCH_ONLY=bulk`: skip the other measures (for tuning one
+    /// thing quickly).
+    only: Option<String>,
 }
 
 fn scale() -> Scale {
@@ -39,7 +40,7 @@ fn scale() -> Scale {
             fanout: 100,
             fanout_size: 64 << 10,
             rounds: 1,
-            fanout_only: false,
+            only: None,
         }
     } else {
         Scale {
@@ -49,7 +50,7 @@ fn scale() -> Scale {
             fanout: 1000,
             fanout_size: 1 << 20,
             rounds: 3,
-            fanout_only: false,
+            only: None,
         }
     };
     if let Some(r) = env("BENCH_ROUNDS") {
@@ -58,7 +59,7 @@ fn scale() -> Scale {
     if let Some(m) = env("BENCH_BULK_MIB") {
         sc.bulk = m << 20;
     }
-    sc.fanout_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "fanout");
+    sc.only = std::env::var("BENCH_ONLY").ok();
     sc
 }
 
@@ -254,10 +255,12 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
     let mut r = Round::default();
     tokio::time::sleep(Duration::from_millis(500)).await;
     r.rss_idle_mib = rss_kib(pid) as f64 / 1024.0;
-    if !sc.fanout_only {
+    if sc.only.as_deref() != Some("fanout") {
         bulk_and_latency(pid, listen, svc, sc, &mut r).await;
     }
-    fanout(pid, listen, svc, sc, &mut r).await;
+    if sc.only.as_deref() != Some("bulk") {
+        fanout(pid, listen, svc, sc, &mut r).await;
+    }
     r
 }
 
@@ -295,6 +298,10 @@ async fn bulk_and_latency(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: 
     assert_eq!(got, sc.bulk);
     r.download_mibs = got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
     r.cpu_s_per_gib = (cpu_secs(pid) - cpu0) / (2.0 * sc.bulk as f64 / (1u64 << 30) as f64);
+
+    if sc.only.as_deref() == Some("bulk") {
+        return;
+    }
 
     // Connection setup: SOCKS5 by name to the first byte back.
     let mut lat = Vec::with_capacity(sc.connects);

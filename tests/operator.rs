@@ -201,7 +201,7 @@ fn doctor(netns: Option<&str>, toml: &str, socket: Option<&Path>) -> (i32, Strin
     std::fs::write(&config, toml).unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     let none = dir.path().join("none.sock");
-    let out = command_in(netns, agent_bin())
+    let out = command_in(netns, &agent_bin())
         .arg("doctor")
         .arg("--config")
         .arg(&config)

@@ -280,8 +280,10 @@ fn secrets_in(text: &str) -> Vec<String> {
     secrets
 }
 
-pub fn agent_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_secoda-agent")
+/// The agent binary under test; `SECODA_AGENT_BIN` points the benchmark at another build
+/// (for A/B comparisons in one run).
+pub fn agent_bin() -> String {
+    std::env::var("SECODA_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_secoda-agent").into())
 }
 
 impl Agent {
@@ -324,7 +326,7 @@ impl Agent {
                     .push(String::from_utf8_lossy(&buf[..len]).to_string());
             }
         });
-        let mut cmd = command_in(netns, agent_bin());
+        let mut cmd = command_in(netns, &agent_bin());
         cmd.arg("run");
         if !toml.is_empty() {
             cmd.arg("--config").arg(&config);
