@@ -1,14 +1,21 @@
 //! Exponential backoff with full jitter: each wait is uniform in [0, min(ceiling, initial*2^n)].
+//!
+//! After a healthy session is lost, the first `FAST_RETRY_WINDOW` retries come every
+//! `FAST_RETRY_MAX` at most, so a server restart costs about a second, not a growing backoff;
+//! at most one such window per `FAST_RETRY_WINDOW * 2`, so a session that keeps dying gets the
+//! normal backoff.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::constants::{BACKOFF_CEILING, BACKOFF_INITIAL};
+use crate::constants::{BACKOFF_CEILING, BACKOFF_INITIAL, FAST_RETRY_MAX, FAST_RETRY_WINDOW};
 
 pub struct Backoff {
     attempt: u32,
     rng: u64,
+    /// When the current (or last) fast-retry window opened.
+    fast_since: Option<Instant>,
 }
 
 impl Default for Backoff {
@@ -19,6 +26,7 @@ impl Default for Backoff {
         Backoff {
             attempt: 0,
             rng: h.finish() | 1,
+            fast_since: None,
         }
     }
 }
@@ -26,6 +34,12 @@ impl Default for Backoff {
 impl Backoff {
     /// The wait before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
+        if self
+            .fast_since
+            .is_some_and(|t| t.elapsed() < FAST_RETRY_WINDOW)
+        {
+            return FAST_RETRY_MAX.mul_f64(0.5 + self.unit() / 2.0);
+        }
         let cap = BACKOFF_INITIAL
             .saturating_mul(1u32 << self.attempt.min(16))
             .min(BACKOFF_CEILING);
@@ -41,6 +55,17 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.attempt = 0;
+    }
+
+    /// An established session was lost: retry fast for a while (see the module comment).
+    pub fn session_lost(&mut self) {
+        let recent = self
+            .fast_since
+            .is_some_and(|t| t.elapsed() < FAST_RETRY_WINDOW * 2);
+        if !recent {
+            self.fast_since = Some(Instant::now());
+            self.attempt = 0;
+        }
     }
 
     /// xorshift64*: uniform in [0, 1).
@@ -76,5 +101,25 @@ mod tests {
         b.reset();
         assert!(b.next_delay() <= BACKOFF_INITIAL);
         assert!(b.ceiling_delay() >= BACKOFF_CEILING / 2);
+    }
+
+    #[test]
+    fn a_lost_session_retries_fast_once_per_window() {
+        let mut b = Backoff::default();
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        b.session_lost();
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d <= FAST_RETRY_MAX && d >= FAST_RETRY_MAX / 2, "{d:?}");
+        }
+        // Lost again soon after: no second fast window (it is still the first one here).
+        let opened = b.fast_since;
+        b.session_lost();
+        assert_eq!(b.fast_since, opened);
+        // Once the window is over, the normal backoff starts from the beginning.
+        b.fast_since = Some(Instant::now() - FAST_RETRY_WINDOW);
+        assert!(b.next_delay() <= BACKOFF_INITIAL);
     }
 }

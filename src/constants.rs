@@ -43,6 +43,10 @@ pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(10);
 /// Reconnect backoff: full jitter between zero and min(ceiling, initial * 2^attempt).
 pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 pub const BACKOFF_CEILING: Duration = Duration::from_secs(60);
+/// After an established session is lost, retry at most this far apart ...
+pub const FAST_RETRY_MAX: Duration = Duration::from_secs(1);
+/// ... for this long (a server restart is back within about a second of accepting again).
+pub const FAST_RETRY_WINDOW: Duration = Duration::from_secs(30);
 /// A session that stayed up this long resets the backoff.
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 /// The same failure is logged at every attempt this many times, then summarised.

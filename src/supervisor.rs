@@ -147,6 +147,7 @@ impl Supervisor {
         if lived >= BACKOFF_RESET_AFTER {
             self.backoff.reset();
         }
+        self.backoff.session_lost();
         let delay = self.backoff.next_delay();
         self.opts
             .telemetry

@@ -137,9 +137,16 @@ async fn the_tunnel_comes_back_after_sshd_is_killed_and_restarted() {
         "{}",
         agent.output()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Down long enough for several failed attempts.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     sshd.restart();
+    let accepting = std::time::Instant::now();
     agent.wait_ready_from(seen).await;
+    let back = accepting.elapsed();
+    assert!(
+        back < Duration::from_secs(2),
+        "the tunnel came back {back:?} after sshd accepted again (must be < 2 s)"
+    );
     assert_serves(listen).await;
 }
 
