@@ -290,3 +290,28 @@ fn the_shipped_example_configs_are_valid() {
         "{t}"
     );
 }
+
+#[test]
+fn a_world_readable_config_holding_key_base64_gets_a_warning() {
+    let f = fixture();
+    let b64 = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read_to_string(&f.key).unwrap().as_bytes());
+    let toml = format!(
+        "[tunnel]\nhost = \"tunnel.example.com\"\nlisten_port = 10123\nkey_base64 = \"{b64}\"\n"
+    );
+    let path = f.write("agent.toml", &toml);
+    let quiet = text(&check(&[], Some(&path)));
+    assert!(!quiet.contains("readable by every user"), "{quiet}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check(&[], Some(&path));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "a warning, not an error: {t}");
+    assert!(
+        t.contains("warning:") && t.contains("holds key_base64 and is readable by every user"),
+        "{t}"
+    );
+    assert!(t.contains("chmod 0640"), "{t}");
+    for s in f.key_secret() {
+        assert!(!t.contains(&s), "secret material in check-config output");
+    }
+}
