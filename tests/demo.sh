@@ -52,7 +52,8 @@ CFG
 chmod 600 "$work/agent.toml"
 
 "$agent" check-config --config "$work/agent.toml" --env-file /dev/null
-"$agent" run --config "$work/agent.toml" --env-file /dev/null 2>"$work/agent.log" &
+# Its runtime directory (status socket) in the scratch directory, as systemd would set it.
+RUNTIME_DIRECTORY="$work" "$agent" run --config "$work/agent.toml" --env-file /dev/null 2>"$work/agent.log" &
 pids+=($!)
 
 for _ in $(seq 1 100); do
@@ -68,4 +69,6 @@ if [ "$page" != "hello from a private service, through the secoda-agent tunnel" 
     echo "demo: FAILED" >&2
     exit 1
 fi
+echo "+ secoda-agent status"
+"$agent" status --socket "$work/status.sock" || { echo "demo: status FAILED" >&2; exit 1; }
 echo "demo: OK (1 passed, 0 failed)"
