@@ -57,21 +57,22 @@ fn main() -> ExitCode {
         },
         Command::Status => status(&cli),
         Command::Doctor => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("secoda-agent: cannot start the runtime: {e}");
-                    return ExitCode::from(exit::FAILURE);
-                }
+                Err(code) => return code,
             };
             let socket = status_socket(&cli);
             ExitCode::from(runtime.block_on(doctor::run(&sources, &socket)))
         }
         Command::Run => run(sources, cli.instance.clone(), log_level),
     }
+}
+
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("secoda-agent: cannot start the runtime: {e}");
+        ExitCode::from(exit::FAILURE)
+    })
 }
 
 /// `--socket`, else the runtime directory's socket (see status.rs).
@@ -129,15 +130,9 @@ fn run(
     for w in &cfg.warnings {
         log::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("secoda-agent: cannot start the runtime: {e}");
-            return ExitCode::from(exit::FAILURE);
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
