@@ -21,41 +21,11 @@ async fn a_black_holed_server_is_declared_dead_and_the_tunnel_returns() {
     agent.wait_ready().await;
     let fds_before = agent.fd_count();
 
-    let port = sshd.port.to_string();
-    ns.run(&["nft", "add", "table", "inet", "blackhole"]);
-    ns.run(&[
-        "nft",
-        "add",
-        "chain",
-        "inet",
+    ns.drop_tcp(
         "blackhole",
         "input",
-        "{ type filter hook input priority 0 ; }",
-    ]);
-    ns.run(&[
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "blackhole",
-        "input",
-        "tcp",
-        "dport",
-        &port,
-        "drop",
-    ]);
-    ns.run(&[
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "blackhole",
-        "input",
-        "tcp",
-        "sport",
-        &port,
-        "drop",
-    ]);
+        &[("dport", sshd.port), ("sport", sshd.port)],
+    );
     let cut = Instant::now();
     let seen = agent.notifications().len();
     assert!(

@@ -356,20 +356,7 @@ async fn doctor_diagnoses_a_silent_server_and_a_closed_port() {
 async fn doctor_diagnoses_a_blocked_port() {
     let ns = NetNs::new("doctor");
     let sshd = Sshd::start_in(Some(&ns.name), "");
-    let port = sshd.port.to_string();
-    ns.run(&["nft", "add", "table", "inet", "block"]);
-    ns.run(&[
-        "nft",
-        "add",
-        "chain",
-        "inet",
-        "block",
-        "output",
-        "{ type filter hook output priority 0 ; }",
-    ]);
-    ns.run(&[
-        "nft", "add", "rule", "inet", "block", "output", "tcp", "dport", &port, "drop",
-    ]);
+    ns.drop_tcp("block", "output", &[("dport", sshd.port)]);
     let (code, text) = doctor(Some(&ns.name), &sshd.agent_toml(free_port(), ""), None);
     assert_eq!(code, 1, "{text}");
     let fail = line_with(&text, "[FAIL] connect");

@@ -539,6 +539,22 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Drop TCP packets matching each `(direction, port)` (e.g. `("dport", 22)`) on `hook`
+    /// (`input` or `output`), in nft table `table` (delete the table to let them through).
+    pub fn drop_tcp(&self, table: &str, hook: &str, matches: &[(&str, u16)]) {
+        self.run(&["nft", "add", "table", "inet", table]);
+        let chain = format!("{{ type filter hook {hook} priority 0 ; }}");
+        self.run(&["nft", "add", "chain", "inet", table, hook, &chain]);
+        for (direction, port) in matches {
+            let port = port.to_string();
+            self.run(&[
+                "nft", "add", "rule", "inet", table, hook, "tcp", direction, &port, "drop",
+            ]);
+        }
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")
