@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use secoda_agent::cli::{self, Command};
 use secoda_agent::config::{self, Sources};
+use secoda_agent::constants::RUNTIME_WORKER_THREADS;
 use secoda_agent::supervisor::{self, Control, Options};
 use secoda_agent::telemetry::Telemetry;
 use secoda_agent::{doctor, exit, logging, metrics, status, systemd};
@@ -130,7 +131,9 @@ fn run(
     for w in &cfg.warnings {
         log::warn!("{w}");
     }
-    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(RUNTIME_WORKER_THREADS);
+    let runtime = match runtime(builder) {
         Ok(r) => r,
         Err(code) => return code,
     };
