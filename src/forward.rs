@@ -130,17 +130,22 @@ impl ChannelInput {
         if self.eof || self.overflow.is_some() {
             return None;
         }
-        match self.rx.recv().await {
-            Some(Inbound::Data(b)) => Some(b),
-            Some(Inbound::Eof) => {
+        let m = self.rx.recv().await?;
+        self.take(m)
+    }
+
+    /// Data is handed on; EOF and overflow are recorded.
+    fn take(&mut self, m: Inbound) -> Option<Bytes> {
+        match m {
+            Inbound::Data(b) => Some(b),
+            Inbound::Eof => {
                 self.eof = true;
                 None
             }
-            Some(Inbound::Overflow(n)) => {
+            Inbound::Overflow(n) => {
                 self.overflow = Some(n);
                 None
             }
-            None => None,
         }
     }
 
@@ -149,18 +154,8 @@ impl ChannelInput {
         if self.eof || self.overflow.is_some() {
             return None;
         }
-        match self.rx.try_recv() {
-            Ok(Inbound::Data(b)) => Some(b),
-            Ok(Inbound::Eof) => {
-                self.eof = true;
-                None
-            }
-            Ok(Inbound::Overflow(n)) => {
-                self.overflow = Some(n);
-                None
-            }
-            Err(_) => None,
-        }
+        let m = self.rx.try_recv().ok()?;
+        self.take(m)
     }
 
     /// Count bytes as delivered to the target.
@@ -197,9 +192,12 @@ impl AsyncRead for ChannelInput {
         if this.leftover.is_empty() && !this.eof && this.overflow.is_none() {
             match this.rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Inbound::Data(b))) => this.leftover = b,
-                Poll::Ready(Some(Inbound::Eof)) | Poll::Ready(None) => this.eof = true,
-                Poll::Ready(Some(Inbound::Overflow(n))) => this.overflow = Some(n),
+                Poll::Ready(Some(m)) => {
+                    if let Some(b) = this.take(m) {
+                        this.leftover = b;
+                    }
+                }
+                Poll::Ready(None) => this.eof = true,
             }
         }
         let n = buf.remaining().min(this.leftover.len());

@@ -162,7 +162,7 @@ fn run(
         let telemetry = Telemetry::new(instance.clone(), server, listen);
         serve_status(&instance, &telemetry).await;
         if let Some(addr) = cfg.metrics.listen {
-            match metrics::bind(addr).await {
+            match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => {
                     log::info!("metrics at http://{addr}/metrics");
                     tokio::spawn(metrics::serve(l, telemetry.clone()));

@@ -2,7 +2,6 @@
 //! Prometheus/OpenMetrics text format (encoded by the `prometheus-client` crate). One request
 //! per connection; `GET /metrics` (or `/`) answers, anything else is 404.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,10 +11,6 @@ use crate::constants::METRICS_REQUEST_TIMEOUT;
 use crate::telemetry::Telemetry;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
 
 pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
     loop {
