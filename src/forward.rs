@@ -592,7 +592,12 @@ async fn splice<W: AsyncWrite + Unpin>(
                 match tr.try_read_buf(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        writer.write_all(&buf).await?;
+                        // Owned bytes go to the session as they are: the `AsyncWrite` path
+                        // would copy them into a fresh allocation per packet.
+                        channel
+                            .data_bytes(buf.freeze())
+                            .await
+                            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
                         drop(turn);
                         counts.add_from_target(n as u64);
                     }
