@@ -25,9 +25,20 @@ struct Scale {
     fanout: usize,
     fanout_size: usize,
     rounds: usize,
-    /// `BENCH_ONLY=fanout` or `BENCH_ONLY=bulk`: skip the other measures (for tuning one
-    /// thing quickly).
+    /// `BENCH_ONLY=upload|download|bulk|latency|fanout` (comma-separated; `bulk` is both
+    /// directions): skip the other measures, for tuning one thing quickly.
     only: Option<String>,
+}
+
+impl Scale {
+    /// Whether the measure `part` (upload, download, latency, fanout) runs.
+    fn runs(&self, part: &str) -> bool {
+        let Some(only) = &self.only else {
+            return true;
+        };
+        only.split(',')
+            .any(|o| o == part || (o == "bulk" && matches!(part, "upload" | "download")))
+    }
 }
 
 fn scale() -> Scale {
@@ -199,16 +210,19 @@ fn start_openssh(sshd: &Sshd, listen: u16) -> Client {
     }
 }
 
+/// CPU time of all the client's threads, in seconds: the scheduler's own run time
+/// (`/proc/PID/task/*/schedstat`, nanoseconds), not the 10 ms ticks of `/proc/PID/stat`,
+/// which sample too coarsely for a run of a second or two.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // After ')': state, ppid, ... utime is field 14 overall, i.e. index 11 here (state is not numeric).
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    ticks as f64 / 100.0
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -255,18 +269,35 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
     let mut r = Round::default();
     tokio::time::sleep(Duration::from_millis(500)).await;
     r.rss_idle_mib = rss_kib(pid) as f64 / 1024.0;
-    if sc.only.as_deref() != Some("fanout") {
-        bulk_and_latency(pid, listen, svc, sc, &mut r).await;
+    bulk(pid, listen, svc, sc, &mut r).await;
+    if sc.runs("latency") {
+        latency(listen, svc, sc, &mut r).await;
     }
-    if sc.only.as_deref() != Some("bulk") {
+    if sc.runs("fanout") {
         fanout(pid, listen, svc, sc, &mut r).await;
     }
     r
 }
 
-async fn bulk_and_latency(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) {
-    // Bulk, both ways, and the client's CPU for it.
+/// Bulk, both ways, and the client's CPU for it.
+async fn bulk(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) {
     let cpu0 = cpu_secs(pid);
+    let mut moved = 0;
+    if sc.runs("upload") {
+        r.upload_mibs = upload(listen, svc, sc).await;
+        moved += sc.bulk;
+    }
+    if sc.runs("download") {
+        r.download_mibs = download(listen, svc, sc).await;
+        moved += sc.bulk;
+    }
+    if moved > 0 {
+        r.cpu_s_per_gib = (cpu_secs(pid) - cpu0) / (moved as f64 / (1u64 << 30) as f64);
+    }
+}
+
+/// Server -> target, MiB/s.
+async fn upload(listen: u16, svc: &Services, sc: &Scale) -> f64 {
     let (code, s) = socks5(listen, "127.0.0.1", svc.sink).await;
     assert_eq!(code, 0);
     let mut s = s.unwrap();
@@ -279,8 +310,11 @@ async fn bulk_and_latency(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: 
     }
     s.shutdown().await.unwrap();
     assert_eq!(s.read_u64().await.unwrap(), sent);
-    r.upload_mibs = sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+    sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
 
+/// Target -> server, MiB/s.
+async fn download(listen: u16, svc: &Services, sc: &Scale) -> f64 {
     let (code, s) = socks5(listen, "127.0.0.1", svc.source).await;
     assert_eq!(code, 0);
     let mut s = s.unwrap();
@@ -296,13 +330,11 @@ async fn bulk_and_latency(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: 
         got += k as u64;
     }
     assert_eq!(got, sc.bulk);
-    r.download_mibs = got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
-    r.cpu_s_per_gib = (cpu_secs(pid) - cpu0) / (2.0 * sc.bulk as f64 / (1u64 << 30) as f64);
+    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
 
-    if sc.only.as_deref() == Some("bulk") {
-        return;
-    }
-
+/// Connection setup and request/response latency.
+async fn latency(listen: u16, svc: &Services, sc: &Scale, r: &mut Round) {
     // Connection setup: SOCKS5 by name to the first byte back.
     let mut lat = Vec::with_capacity(sc.connects);
     for _ in 0..sc.connects {
@@ -499,7 +531,15 @@ async fn main() {
         } else {
             "-".into()
         };
-        println!("| {name} | {a:.2} | {o:.2} | {ratio} |");
+        // Three decimals for sub-millisecond latencies, two for the rest.
+        let shown = |v: f64| {
+            if v > 0.0 && v < 1.0 {
+                format!("{v:.3}")
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        println!("| {name} | {} | {} | {ratio} |", shown(a), shown(o));
         json.push(format!(
             "{{\"measure\":\"{name}\",\"agent\":{a:.4},\"openssh\":{o:.4}}}"
         ));
