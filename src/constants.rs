@@ -9,6 +9,9 @@ use std::time::Duration;
 /// 1.14-1.35x OpenSSH at 0.75x its CPU per GiB, two workers 0.81-1.05x at 1.13-1.21x, in the
 /// same interleaved runs.
 pub const RUNTIME_WORKER_THREADS: usize = 1;
+/// Freed heap memory up to this much is kept for reuse rather than returned to the kernel
+/// (glibc's M_TRIM_THRESHOLD; see main.rs).
+pub const MALLOC_TRIM_THRESHOLD: usize = 4 * 1024 * 1024;
 /// Where the packages put the configuration.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/secoda-agent/agent.toml";
 /// Where the Docker-compatible `KEY=VALUE` file lives; used only when present.
