@@ -90,6 +90,14 @@ pub const SSH_SESSION_QUEUE: usize = 16;
 pub const TRANSPORT_BUFFER_KEEP: usize = 1024 * 1024;
 /// One read from the SSH socket takes up to this much (russh then reads it in small pieces).
 pub const SSH_READ_BUFFER: usize = 256 * 1024;
+/// Bulk data from the server: after two reads of at least `COALESCE_AFTER_READ` bytes, the
+/// SSH socket wakes the agent only once `COALESCE_BYTES` are waiting, or after `COALESCE_WAIT`
+/// at the latest (see transport.rs).
+pub const COALESCE_AFTER_READ: usize = 32 * 1024;
+pub const COALESCE_BYTES: usize = 256 * 1024;
+pub const COALESCE_WAIT: Duration = Duration::from_millis(1);
+/// ... and only once the socket's receive buffer has grown to this (see transport.rs).
+pub const COALESCE_MIN_RCVBUF: usize = 4 * COALESCE_BYTES;
 /// Reads from the SSH server shorter than this re-arm TCP_QUICKACK (see transport.rs).
 pub const QUICKACK_BELOW: usize = 16 * 1024;
 /// Server -> target: queued packets go out in one vectored write of up to this many bytes

@@ -1,4 +1,4 @@
-//! The SSH transport socket, wrapped for two jobs russh cannot do itself.
+//! The SSH transport socket, wrapped for the jobs russh cannot do itself.
 //!
 //! 1. **Writes never stop reads.** russh's session loop writes all its output before it reads
 //!    again. OpenSSH's sshd stops reading from a client while it has much data queued for that
@@ -20,8 +20,18 @@
 //!    stall the tunnel behind targets that stopped reading: if a pause sees no progress at all
 //!    within `INTAKE_PAUSE_MAX`, pausing is off until the queue is below half the mark again
 //!    (stuck channels are then bounded by `max_pending` each, as before).
-//! 4. **Counting bytes received**, to know whether the server spoke at all, so a silent server (firewall, "stuck on the
-//!    version number") is told apart from a slow handshake.
+//! 4. **Counting bytes received**, to know whether the server spoke at all, so a silent
+//!    server (firewall, "stuck on the version number") is told apart from a slow handshake.
+//! 5. **Fewer wake-ups for bulk data.** The agent decrypts faster than sshd encrypts, so
+//!    during a bulk transfer it woke for every packet sshd wrote (about 20,000 times a GiB),
+//!    and each wake-up costs the agent, sshd and the target a round of scheduling. After two
+//!    large reads in a row, `SO_RCVLOWAT` makes the socket wake the agent only once
+//!    `COALESCE_BYTES` are waiting; a wait that lasts `COALESCE_WAIT` drops the mark again
+//!    (the kernel then signals what is there), so a burst's tail, or a small message that
+//!    follows it, waits at most that long (1 to 2 ms with tokio's timer). Measured: a third
+//!    of the wake-ups and a quarter of the system calls. Small messages on a quiet tunnel
+//!    never see the mark, and the mark is only raised once the receive buffer is large
+//!    enough that Linux does not clamp the TCP window to it.
 
 use std::future::Future;
 use std::io;
@@ -37,8 +47,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::constants::{
-    INTAKE_HIGH, INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS,
-    SSH_READ_BUFFER, TRANSPORT_BUFFER_KEEP,
+    COALESCE_AFTER_READ, COALESCE_BYTES, COALESCE_MIN_RCVBUF, COALESCE_WAIT, INTAKE_HIGH,
+    INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS, SSH_READ_BUFFER,
+    TRANSPORT_BUFFER_KEEP,
 };
 
 /// How many bytes wait in the transport's buffer, for channel tasks to pace themselves on.
@@ -147,6 +158,12 @@ pub struct Transport {
     pause: Option<(Pause, usize)>,
     /// A pause saw no progress: read freely until the queue is below half the mark.
     stuck: bool,
+    /// Consecutive large reads, and whether `SO_RCVLOWAT` is raised because of them (point 5).
+    streak: u8,
+    coalescing: bool,
+    /// While coalescing, how long a wait for the socket may last before the mark drops.
+    coalesce_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    coalesce_armed: bool,
 }
 
 impl Transport {
@@ -167,7 +184,48 @@ impl Transport {
             rbuf: vec![0u8; SSH_READ_BUFFER].into_boxed_slice(),
             rpos: 0,
             rlen: 0,
+            streak: 0,
+            coalescing: false,
+            coalesce_timer: None,
+            coalesce_armed: false,
         }
+    }
+
+    /// Start or stop coalescing (point 5). Starting needs a receive buffer of at least
+    /// `COALESCE_MIN_RCVBUF`: below that, Linux would grow the buffer for the mark and clamp
+    /// the TCP window to it, which a long-distance link would feel. A failure only costs
+    /// wake-ups.
+    fn coalesce(&mut self, on: bool) {
+        if on {
+            let big = socket2::SockRef::from(&self.tcp)
+                .recv_buffer_size()
+                .is_ok_and(|b| b >= COALESCE_MIN_RCVBUF);
+            self.coalescing = big && set_recv_lowat(&self.tcp, COALESCE_BYTES).is_ok();
+        } else {
+            let _ = set_recv_lowat(&self.tcp, 1);
+            self.coalescing = false;
+        }
+        self.coalesce_armed = false;
+    }
+
+    /// While coalescing and waiting: `Ready` once the wait has lasted `COALESCE_WAIT` (the
+    /// mark is then dropped), else `Pending` with the timer armed.
+    fn poll_coalesce_timeout(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let timer = self
+            .coalesce_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE_WAIT)));
+        if !self.coalesce_armed {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + COALESCE_WAIT);
+            self.coalesce_armed = true;
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.streak = 0;
+        self.coalesce(false);
+        Poll::Ready(())
     }
 
     /// Write buffered bytes until done (`Ready`) or the socket is full (`Pending`, with the
@@ -222,6 +280,29 @@ impl Transport {
     }
 }
 
+/// `SO_RCVLOWAT`: readiness is signalled only once `bytes` are waiting (a read still returns
+/// whatever is there). Lowering it signals data already waiting at once (Linux >= 4.19).
+#[allow(unsafe_code)] // neither std nor socket2 sets SO_RCVLOWAT
+fn set_recv_lowat(tcp: &TcpStream, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mark = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&mark as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl AsyncRead for Transport {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -241,13 +322,32 @@ impl AsyncRead for Transport {
             let mut rb = ReadBuf::new(&mut this.rbuf);
             match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {}
+                Poll::Pending => {
+                    // Dropping the mark makes the kernel signal whatever is waiting, which
+                    // wakes this task again.
+                    if this.coalescing {
+                        let _ = this.poll_coalesce_timeout(cx);
+                    }
+                    return Poll::Pending;
+                }
                 other => return other,
             }
             let n = rb.filled().len();
             (this.rpos, this.rlen) = (0, n);
+            this.coalesce_armed = false;
+            // Bulk data starts coalescing; only a quiet spell (the timer) ends it, since the
+            // read right after a full one is often short while data keeps flowing.
+            if n >= COALESCE_AFTER_READ {
+                this.streak = this.streak.saturating_add(1);
+                if this.streak >= 2 && !this.coalescing {
+                    this.coalesce(true);
+                }
+            } else if !this.coalescing {
+                this.streak = 0;
+            }
             if n > 0 {
                 this.received.fetch_add(n as u64, Ordering::Relaxed);
-                if n < QUICKACK_BELOW {
+                if n < QUICKACK_BELOW && !this.coalescing {
                     // Best effort: a failure only costs latency.
                     let _ = socket2::SockRef::from(&this.tcp).set_tcp_quickack(true);
                 }
@@ -299,6 +399,86 @@ impl AsyncWrite for Transport {
         match self.drain(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut self.tcp).poll_shutdown(cx),
             other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A transport over a real loopback connection, and its peer.
+    async fn pair() -> (Transport, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let t = Transport::new(tcp, Arc::default(), Arc::default(), Arc::default());
+        (t, peer)
+    }
+
+    /// Read `n` bytes; a read stalled for 10 s fails the test instead of hanging it.
+    async fn read_exactly(t: &mut Transport, n: usize) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < n {
+            let k = tokio::time::timeout(Duration::from_secs(10), t.read(&mut buf))
+                .await
+                .expect("a read stalled")
+                .unwrap();
+            assert!(k > 0, "early EOF");
+            got += k;
+        }
+        assert_eq!(got, n);
+    }
+
+    #[tokio::test]
+    async fn bulk_data_coalesces_and_a_short_tail_still_arrives_at_once() {
+        let (mut t, mut peer) = pair().await;
+        let bulk = 64 << 20;
+        let block = vec![7u8; 1 << 20];
+        let writer = tokio::spawn(async move {
+            for _ in 0..(bulk >> 20) {
+                peer.write_all(&block).await.unwrap();
+            }
+            peer
+        });
+        read_exactly(&mut t, bulk).await;
+        let mut peer = writer.await.unwrap();
+        let rcvbuf = socket2::SockRef::from(&t.tcp).recv_buffer_size().unwrap();
+        assert!(
+            t.coalescing,
+            "64 MiB of bulk data did not start coalescing (receive buffer {rcvbuf} bytes)"
+        );
+
+        // A message far below the mark, with nothing after it: delivered by the fallback
+        // timer, not held until more data comes.
+        let started = Instant::now();
+        peer.write_all(&[1u8; 100]).await.unwrap();
+        read_exactly(&mut t, 100).await;
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_millis(500),
+            "a 100-byte tail waited {waited:?}"
+        );
+        assert!(!t.coalescing, "coalescing outlived the burst");
+
+        // Quiet again: the next small message needs no timer.
+        let started = Instant::now();
+        peer.write_all(&[2u8; 100]).await.unwrap();
+        read_exactly(&mut t, 100).await;
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn small_messages_never_coalesce() {
+        let (mut t, mut peer) = pair().await;
+        for _ in 0..200 {
+            peer.write_all(&[3u8; 1000]).await.unwrap();
+            read_exactly(&mut t, 1000).await;
+            assert!(!t.coalescing);
         }
     }
 }
