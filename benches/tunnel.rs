@@ -225,6 +225,38 @@ fn cpu_secs(pid: u32) -> f64 {
     ns as f64 / 1e9
 }
 
+/// CPU time of every running `sshd` process (the benchmark's server is the only one).
+fn sshd_cpu_secs() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim() == "sshd")
+        })
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .map(cpu_secs)
+        .sum()
+}
+
+/// Busy CPU time of the whole machine, in seconds (`/proc/stat`: user, nice, system, irq,
+/// softirq; not idle, iowait or time stolen by the hypervisor).
+fn machine_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| ticks.get(i)).sum();
+    busy as f64 / 100.0
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -260,6 +292,8 @@ struct Round {
     fanout_s: f64,
     fanout_errors: usize,
     cpu_s_per_gib: f64,
+    machine_cpu_s_per_gib: f64,
+    sshd_cpu_s_per_gib: f64,
     rss_idle_mib: f64,
     rss_fanout_mib: f64,
 }
@@ -281,7 +315,7 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
 
 /// Bulk, both ways, and the client's CPU for it.
 async fn bulk(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) {
-    let cpu0 = cpu_secs(pid);
+    let (cpu0, machine0, sshd0) = (cpu_secs(pid), machine_cpu_secs(), sshd_cpu_secs());
     let mut moved = 0;
     if sc.runs("upload") {
         r.upload_mibs = upload(listen, svc, sc).await;
@@ -292,7 +326,10 @@ async fn bulk(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) 
         moved += sc.bulk;
     }
     if moved > 0 {
-        r.cpu_s_per_gib = (cpu_secs(pid) - cpu0) / (moved as f64 / (1u64 << 30) as f64);
+        let gib = moved as f64 / (1u64 << 30) as f64;
+        r.cpu_s_per_gib = (cpu_secs(pid) - cpu0) / gib;
+        r.machine_cpu_s_per_gib = (machine_cpu_secs() - machine0) / gib;
+        r.sshd_cpu_s_per_gib = (sshd_cpu_secs() - sshd0) / gib;
     }
 }
 
@@ -492,7 +529,7 @@ async fn main() {
     }
 
     type Pick = fn(&Round) -> f64;
-    let rows: [(&str, Pick); 11] = [
+    let rows: [(&str, Pick); 13] = [
         ("bulk upload, MiB/s (server -> target)", |r| r.upload_mibs),
         ("bulk download, MiB/s (target -> server)", |r| {
             r.download_mibs
@@ -504,6 +541,11 @@ async fn main() {
         ("fan-out wall time, s", |r| r.fanout_s),
         ("fan-out errors", |r| r.fanout_errors as f64),
         ("client CPU s per GiB moved", |r| r.cpu_s_per_gib),
+        ("sshd CPU s per GiB moved", |r| r.sshd_cpu_s_per_gib),
+        (
+            "whole machine CPU s per GiB moved (sshd, load, sink too)",
+            |r| r.machine_cpu_s_per_gib,
+        ),
         ("client RSS idle, MiB", |r| r.rss_idle_mib),
         ("client peak RSS during fan-out, MiB", |r| r.rss_fanout_mib),
     ];
