@@ -5,6 +5,7 @@
 //! into without ever waiting (see `tunnel.rs`), so a target that stops reading can only fill
 //! its own channel's buffer; past `max_pending` that channel alone is cut.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
-use russh::ChannelWriteHalf;
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -44,6 +45,8 @@ pub struct Inbox {
     max_pending: u64,
     cut: Arc<Notify>,
     intake: Arc<Intake>,
+    /// russh's own bounded queue for this channel, when kept (see [`Inbox::with_queue`]).
+    queued: Option<ChannelReadHalf>,
 }
 
 /// Set in a channel's `pending` once its task has gone: nothing is counted after that.
@@ -75,6 +78,7 @@ pub fn inbox(max_pending: u64, intake: Arc<Intake>) -> (Inbox, ChannelInput) {
             max_pending,
             cut: cut.clone(),
             intake: intake.clone(),
+            queued: None,
         },
         ChannelInput {
             rx,
@@ -89,9 +93,47 @@ pub fn inbox(max_pending: u64, intake: Arc<Intake>) -> (Inbox, ChannelInput) {
 }
 
 impl Inbox {
+    /// Keep russh's queue for this channel, to take data from it without a copy. russh puts
+    /// each message for a channel on that queue (waiting for room if it is full) just before
+    /// the matching handler callback, with the very buffer it decoded. Every callback for the
+    /// channel empties the queue (`push`, `drain`), so it never fills and never holds up the
+    /// session; data still reaches the channel through `push` only, in callback order, and a
+    /// message that is not the callback's own is dropped, so the queue is an optimisation,
+    /// never the source of truth.
+    pub fn with_queue(mut self, queued: ChannelReadHalf) -> Self {
+        self.queued = Some(queued);
+        self
+    }
+
+    /// Empty russh's queue; the buffer of the `Data` message that is `data` itself, if any.
+    fn take_queued(&mut self, data: Option<&[u8]>) -> Option<Bytes> {
+        let queued = self.queued.as_mut()?;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut found = None;
+        loop {
+            // Unconstrained: tokio's cooperative budget must not hide a queued message.
+            let next = std::pin::pin!(tokio::task::unconstrained(queued.wait()));
+            match next.poll(&mut cx) {
+                Poll::Ready(Some(ChannelMsg::Data { data: b }))
+                    if data.is_some_and(|d| d.as_ptr() == b.as_ptr() && d.len() == b.len()) =>
+                {
+                    found = Some(b)
+                }
+                Poll::Ready(Some(_)) => {}
+                Poll::Ready(None) | Poll::Pending => return found,
+            }
+        }
+    }
+
+    /// Empty russh's queue for this channel (from every handler callback without data).
+    pub fn drain(&mut self) {
+        self.take_queued(None);
+    }
+
     /// Queue data for the channel. `false` means drop this inbox: the channel was cut for
     /// overflow, or its task is gone.
-    pub fn push(&self, data: &[u8]) -> bool {
+    pub fn push(&mut self, data: &[u8]) -> bool {
+        let queued = self.take_queued(Some(data));
         if data.is_empty() {
             return true;
         }
@@ -106,12 +148,12 @@ impl Inbox {
             self.cut.notify_one();
             return false;
         }
-        self.tx
-            .send(Inbound::Data(Bytes::copy_from_slice(data)))
-            .is_ok()
+        let data = queued.unwrap_or_else(|| Bytes::copy_from_slice(data));
+        self.tx.send(Inbound::Data(data)).is_ok()
     }
 
-    pub fn eof(&self) {
+    pub fn eof(&mut self) {
+        self.drain();
         let _ = self.tx.send(Inbound::Eof);
     }
 
@@ -659,7 +701,7 @@ mod tests {
     #[tokio::test]
     async fn intake_counts_bytes_until_delivered_or_dropped() {
         let intake = Arc::new(Intake::default());
-        let (inbox, mut input) = inbox(1 << 20, intake.clone());
+        let (mut inbox, mut input) = inbox(1 << 20, intake.clone());
         assert!(inbox.push(&[1; 1000]));
         assert!(inbox.push(&[2; 500]));
         assert_eq!(intake.get(), 1500);
@@ -678,7 +720,7 @@ mod tests {
     #[tokio::test]
     async fn intake_is_released_by_a_channel_cut_for_overflow() {
         let intake = Arc::new(Intake::default());
-        let (inbox, input) = inbox(1000, intake.clone());
+        let (mut inbox, input) = inbox(1000, intake.clone());
         assert!(inbox.push(&[0; 600]));
         assert!(
             !inbox.push(&[0; 600]),

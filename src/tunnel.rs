@@ -2,10 +2,11 @@
 //! forward, and hand each forwarded channel to `forward.rs`.
 //!
 //! Head-of-line blocking: russh pushes incoming channel data into a bounded per-channel queue
-//! with an awaited send, so a channel whose reader stalls freezes the whole session. We never
-//! read those queues: each channel's read half is dropped at once (a send to a dropped queue
-//! fails immediately instead of waiting), and data arrives through the handler's `data`
-//! callback, which queues it in the channel's own [`Inbox`] without waiting.
+//! with an awaited send, so a channel whose reader stalls would freeze the whole session. No
+//! channel task reads those queues: data arrives through the handler's `data` callback, which
+//! queues it in the channel's own [`Inbox`] without waiting. The handler itself empties
+//! russh's queue in every callback for the channel (taking the data from it without a copy),
+//! so the queue never fills; see [`Inbox::with_queue`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +52,15 @@ struct Client {
     /// Tells the [`Session`] why the session loop ended (see `disconnected` and `Drop`).
     ended: Option<oneshot::Sender<TunnelError>>,
     keepalive_window: Duration,
+}
+
+impl Client {
+    /// Empty russh's queue for `channel` (see the module comment).
+    fn drain(&mut self, channel: ChannelId) {
+        if let Some(inbox) = self.inboxes.get_mut(&channel) {
+            inbox.drain();
+        }
+    }
 }
 
 impl Drop for Client {
@@ -114,11 +124,11 @@ impl client::Handler for Client {
         reply.accept().await;
         let id = channel.id();
         let (read_half, write_half) = channel.split();
-        drop(read_half); // see the module comment
         let settings = self.fwd.settings();
         let (inbox, input) = forward::inbox(settings.max_pending, self.intake.clone());
-        // A channel we had to close first gets no `channel_close` callback from russh: drop
-        // the inboxes of ended channels now and then (amortised over channel opens).
+        let inbox = inbox.with_queue(read_half); // see the module comment
+                                                 // A channel we had to close first gets no `channel_close` callback from russh: drop
+                                                 // the inboxes of ended channels now and then (amortised over channel opens).
         if self.inboxes.len() >= self.prune_at {
             self.inboxes.retain(|_, i| !i.is_closed());
             self.prune_at = (self.inboxes.len() * 2).max(64);
@@ -145,7 +155,7 @@ impl client::Handler for Client {
         data: &[u8],
         _: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        if let Some(inbox) = self.inboxes.get(&channel) {
+        if let Some(inbox) = self.inboxes.get_mut(&channel) {
             if !inbox.push(data) {
                 self.inboxes.remove(&channel);
             }
@@ -158,9 +168,84 @@ impl client::Handler for Client {
         channel: ChannelId,
         _: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        if let Some(inbox) = self.inboxes.get(&channel) {
+        if let Some(inbox) = self.inboxes.get_mut(&channel) {
             inbox.eof();
         }
+        Ok(())
+    }
+
+    // russh queues a message for the channel before each of the callbacks below, too:
+    // empty the queue there (see the module comment).
+
+    async fn extended_data(
+        &mut self,
+        channel: ChannelId,
+        _: u32,
+        _: &[u8],
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain(channel);
+        Ok(())
+    }
+
+    async fn window_adjusted(
+        &mut self,
+        channel: ChannelId,
+        _: u32,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain(channel);
+        Ok(())
+    }
+
+    async fn channel_success(
+        &mut self,
+        channel: ChannelId,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain(channel);
+        Ok(())
+    }
+
+    async fn channel_failure(
+        &mut self,
+        channel: ChannelId,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain(channel);
+        Ok(())
+    }
+
+    async fn xon_xoff(
+        &mut self,
+        channel: ChannelId,
+        _: bool,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain(channel);
+        Ok(())
+    }
+
+    async fn exit_status(
+        &mut self,
+        channel: ChannelId,
+        _: u32,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain(channel);
+        Ok(())
+    }
+
+    async fn exit_signal(
+        &mut self,
+        channel: ChannelId,
+        _: russh::Sig,
+        _: bool,
+        _: &str,
+        _: &str,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain(channel);
         Ok(())
     }
 
