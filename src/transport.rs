@@ -264,6 +264,11 @@ impl Transport {
                     Poll::Ready(d) => d,
                 };
                 if !drained && queued >= *start {
+                    log::debug!(
+                        "{queued} bytes wait for targets that made no progress in {INTAKE_PAUSE_MAX:?}: \
+                         reading the server on regardless until half of it is delivered \
+                         (a target that stays stuck is cut at max_pending)"
+                    );
                     self.stuck = true;
                 }
                 self.pause = None;
