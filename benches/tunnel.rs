@@ -1,7 +1,7 @@
 //! The agent against OpenSSH's own client (`ssh -N -R PORT`, what the Docker image runs)
 //! through the same sshd, in the same run, in alternating rounds; medians reported.
 //!
-//!     cargo bench --bench tunnel                 # full run (3 rounds; BENCH_ROUNDS=N)
+//!     cargo bench --bench tunnel                 # full run (5 rounds; BENCH_ROUNDS=N)
 //!     BENCH_QUICK=1 cargo bench --bench tunnel   # small sizes, a smoke check
 //!
 //! Prints a table (agent, OpenSSH, ratio) and writes target/bench.json.
@@ -60,7 +60,7 @@ fn scale() -> Scale {
             pings: 1000,
             fanout: 1000,
             fanout_size: 1 << 20,
-            rounds: 3,
+            rounds: 5,
             only: None,
         }
     };
