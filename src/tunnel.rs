@@ -54,6 +54,21 @@ struct Client {
     keepalive_window: Duration,
 }
 
+/// Handler callbacks whose only job is to empty russh's queue for the channel.
+macro_rules! drain_only {
+    ($($name:ident($($arg:ty),*);)*) => {$(
+        async fn $name(
+            &mut self,
+            channel: ChannelId,
+            $(_: $arg,)*
+            _: &mut client::Session,
+        ) -> Result<(), Self::Error> {
+            self.drain(channel);
+            Ok(())
+        }
+    )*};
+}
+
 impl Client {
     /// Empty russh's queue for `channel` (see the module comment).
     fn drain(&mut self, channel: ChannelId) {
@@ -174,79 +189,16 @@ impl client::Handler for Client {
         Ok(())
     }
 
-    // russh queues a message for the channel before each of the callbacks below, too:
-    // empty the queue there (see the module comment).
-
-    async fn extended_data(
-        &mut self,
-        channel: ChannelId,
-        _: u32,
-        _: &[u8],
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.drain(channel);
-        Ok(())
-    }
-
-    async fn window_adjusted(
-        &mut self,
-        channel: ChannelId,
-        _: u32,
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.drain(channel);
-        Ok(())
-    }
-
-    async fn channel_success(
-        &mut self,
-        channel: ChannelId,
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.drain(channel);
-        Ok(())
-    }
-
-    async fn channel_failure(
-        &mut self,
-        channel: ChannelId,
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.drain(channel);
-        Ok(())
-    }
-
-    async fn xon_xoff(
-        &mut self,
-        channel: ChannelId,
-        _: bool,
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.drain(channel);
-        Ok(())
-    }
-
-    async fn exit_status(
-        &mut self,
-        channel: ChannelId,
-        _: u32,
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.drain(channel);
-        Ok(())
-    }
-
-    async fn exit_signal(
-        &mut self,
-        channel: ChannelId,
-        _: russh::Sig,
-        _: bool,
-        _: &str,
-        _: &str,
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.drain(channel);
-        Ok(())
+    // russh queues a message for the channel before each of these callbacks too: empty the
+    // queue there (see the module comment).
+    drain_only! {
+        extended_data(u32, &[u8]);
+        window_adjusted(u32);
+        channel_success();
+        channel_failure();
+        xon_xoff(bool);
+        exit_status(u32);
+        exit_signal(russh::Sig, bool, &str, &str);
     }
 
     async fn disconnected(
