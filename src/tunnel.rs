@@ -190,7 +190,10 @@ impl client::Handler for Client {
     }
 
     // russh queues a message for the channel before each of these callbacks too: empty the
-    // queue there (see the module comment).
+    // queue there (see the module comment). This list matches every `chan.send` in russh
+    // 0.65's client/encrypted.rs; re-check it on upgrade. A message queued with no callback
+    // after it would fill the queue and wedge the session until the liveness probe replaces
+    // it (without `window_adjusted` here, `rekeys_under_load_cut_no_channel` hangs).
     drain_only! {
         extended_data(u32, &[u8]);
         window_adjusted(u32);
