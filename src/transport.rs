@@ -442,26 +442,33 @@ mod tests {
     #[tokio::test]
     async fn bulk_data_coalesces_and_a_short_tail_still_arrives_at_once() {
         let (mut t, mut peer) = pair().await;
-        let bulk = 64 << 20;
+        // Bulk data until coalescing is on (a pause of the writer longer than the fallback
+        // turns it off again, so look after each MiB).
         let block = vec![7u8; 1 << 20];
-        let writer = tokio::spawn(async move {
-            for _ in 0..(bulk >> 20) {
-                peer.write_all(&block).await.unwrap();
+        let mut engaged = false;
+        for _ in 0..256 {
+            let (w, ()) = tokio::join!(peer.write_all(&block), read_exactly(&mut t, block.len()));
+            w.unwrap();
+            if t.coalescing {
+                engaged = true;
+                break;
             }
-            peer
-        });
-        read_exactly(&mut t, bulk).await;
-        let mut peer = writer.await.unwrap();
+        }
         let rcvbuf = socket2::SockRef::from(&t.tcp).recv_buffer_size().unwrap();
         assert!(
-            t.coalescing,
-            "64 MiB of bulk data did not start coalescing (receive buffer {rcvbuf} bytes)"
+            engaged,
+            "256 MiB of bulk data did not start coalescing (receive buffer {rcvbuf} bytes)"
         );
 
-        // A message far below the mark, with nothing after it: delivered by the fallback
-        // timer, not held until more data comes.
-        let started = Instant::now();
+        // A message far below the mark, with nothing after it, lands while the agent is
+        // not reading: the mark keeps the kernel from signalling it, and the fallback timer
+        // must deliver it, not more data. (First a read that finds nothing, so that the
+        // runtime's own readiness flag is clear, as after any quiet spell.)
+        let quiet = t.tcp.try_read(&mut [0u8; 1]);
+        assert!(matches!(quiet, Err(ref e) if e.kind() == io::ErrorKind::WouldBlock));
         peer.write_all(&[1u8; 100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
         read_exactly(&mut t, 100).await;
         let waited = started.elapsed();
         assert!(
