@@ -98,6 +98,8 @@ pub const COALESCE_BYTES: usize = 256 * 1024;
 pub const COALESCE_WAIT: Duration = Duration::from_millis(1);
 /// ... and only once the socket's receive buffer has grown to this (see transport.rs).
 pub const COALESCE_MIN_RCVBUF: usize = 4 * COALESCE_BYTES;
+/// While the buffer is smaller, the check is repeated every this many large reads.
+pub const COALESCE_RETRY_READS: u8 = 32;
 /// Reads from the SSH server shorter than this re-arm TCP_QUICKACK (see transport.rs).
 pub const QUICKACK_BELOW: usize = 16 * 1024;
 /// Server -> target: queued packets go out in one vectored write of up to this many bytes

@@ -47,9 +47,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::constants::{
-    COALESCE_AFTER_READ, COALESCE_BYTES, COALESCE_MIN_RCVBUF, COALESCE_WAIT, INTAKE_HIGH,
-    INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS, SSH_READ_BUFFER,
-    TRANSPORT_BUFFER_KEEP,
+    COALESCE_AFTER_READ, COALESCE_BYTES, COALESCE_MIN_RCVBUF, COALESCE_RETRY_READS, COALESCE_WAIT,
+    INTAKE_HIGH, INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS,
+    SSH_READ_BUFFER, TRANSPORT_BUFFER_KEEP,
 };
 
 /// How many bytes wait in the transport's buffer, for channel tasks to pace themselves on.
@@ -343,8 +343,10 @@ impl AsyncRead for Transport {
             // Bulk data starts coalescing; only a quiet spell (the timer) ends it, since the
             // read right after a full one is often short while data keeps flowing.
             if n >= COALESCE_AFTER_READ {
-                this.streak = this.streak.saturating_add(1);
-                if this.streak >= 2 && !this.coalescing {
+                this.streak = this.streak.wrapping_add(1);
+                // Try at the second large read, and then only every `COALESCE_RETRY_READS`:
+                // while the receive buffer is too small, each try costs a system call.
+                if !this.coalescing && this.streak % COALESCE_RETRY_READS == 2 {
                     this.coalesce(true);
                 }
             } else if !this.coalescing {
