@@ -92,6 +92,38 @@ async fn rsa_and_ecdsa_keys_from_key_base64() {
     }
 }
 
+/// The cipher the agent settles on with sshd's default offer, as sshd logs it: AES-GCM when
+/// the CPU does AES in hardware (read here from /proc/cpuinfo, not from the agent's own
+/// detection), chacha20-poly1305 otherwise; never what OpenSSH's client would pick by habit.
+#[tokio::test]
+async fn the_cipher_follows_the_hardware() {
+    let sshd = Sshd::start_with("LogLevel DEBUG1\n");
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    agent.wait_ready().await;
+    assert_serves(listen).await;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    let hw = (flags.contains(&"aes") && flags.contains(&"pclmulqdq"))
+        || (flags.contains(&"aes") && flags.contains(&"pmull"));
+    let want = if hw {
+        "aes256-gcm@openssh.com"
+    } else {
+        "chacha20-poly1305@openssh.com"
+    };
+    let log = sshd.log();
+    let got: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("kex: server->client cipher: ").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .collect();
+    assert_eq!(got, [want], "AES in hardware: {hw}; sshd log:\n{log}");
+}
+
 #[tokio::test]
 async fn docker_style_env_file_alone_is_a_complete_config() {
     let sshd = Sshd::start();
