@@ -16,7 +16,12 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const CIPHER: &str = "aes256-gcm@openssh.com";
+/// `BENCH_CIPHER=<ssh cipher name>`: the server offers only that cipher, so both clients use
+/// it (like for like). Unset: sshd's default offer and each client's own preference, which is
+/// what a customer gets (the Docker image runs `ssh` without `-c`).
+fn forced_cipher() -> Option<String> {
+    std::env::var("BENCH_CIPHER").ok().filter(|c| !c.is_empty())
+}
 
 struct Scale {
     bulk: u64,
@@ -164,7 +169,7 @@ fn start_agent(sshd: &Sshd, listen: u16) -> Client {
     }
 }
 
-fn start_openssh(sshd: &Sshd, listen: u16) -> Client {
+fn start_openssh(sshd: &Sshd, listen: u16, cipher: Option<&str>) -> Client {
     let known = sshd.dir.path().join("known_hosts");
     std::fs::write(
         &known,
@@ -186,9 +191,8 @@ fn start_openssh(sshd: &Sshd, listen: u16) -> Client {
             "ServerAliveInterval=15",
             "-o",
             "ServerAliveCountMax=4",
-            "-c",
-            CIPHER,
         ])
+        .args(cipher.map(|c| ["-c", c]).into_iter().flatten())
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-i")
@@ -465,17 +469,18 @@ fn loopback_ceiling(bytes: u64) -> f64 {
     sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
 }
 
-fn cipher_ceiling() -> Option<f64> {
+/// The cipher's own speed (`openssl speed`, 32 KiB blocks), MiB/s, for an SSH cipher name.
+fn cipher_ceiling(ssh_name: &str) -> Option<f64> {
+    let evp = match ssh_name {
+        "aes256-gcm@openssh.com" => "aes-256-gcm",
+        "aes128-gcm@openssh.com" => "aes-128-gcm",
+        "chacha20-poly1305@openssh.com" => "chacha20-poly1305",
+        "aes256-ctr" => "aes-256-ctr",
+        "aes128-ctr" => "aes-128-ctr",
+        _ => return None,
+    };
     let out = Command::new("openssl")
-        .args([
-            "speed",
-            "-seconds",
-            "2",
-            "-bytes",
-            "32768",
-            "-evp",
-            "aes-256-gcm",
-        ])
+        .args(["speed", "-seconds", "2", "-bytes", "32768", "-evp", evp])
         .stderr(Stdio::null())
         .output()
         .ok()?;
@@ -483,7 +488,7 @@ fn cipher_ceiling() -> Option<f64> {
     let line = text
         .lines()
         .rev()
-        .find(|l| l.to_ascii_lowercase().starts_with("aes-256-gcm"))?;
+        .find(|l| l.to_ascii_lowercase().starts_with(evp))?;
     let k: f64 = line
         .split_whitespace()
         .last()?
@@ -493,12 +498,52 @@ fn cipher_ceiling() -> Option<f64> {
     Some(k * 1000.0 / (1 << 20) as f64)
 }
 
+/// The cipher each client negotiates with this server offer, as sshd itself logs it: a probe
+/// sshd with the same configuration at `LogLevel DEBUG1` (the measured sshd stays at its
+/// quieter level, so logging costs nothing during the rounds). Returns (agent, OpenSSH).
+async fn negotiated_ciphers(sshd_config: &str, cipher: Option<&str>) -> (String, String) {
+    // For sshd the first value of an option wins.
+    let probe = Sshd::start_with(&format!("LogLevel DEBUG1\n{sshd_config}"));
+    let mut found = Vec::new();
+    for is_agent in [true, false] {
+        let listen = free_port();
+        let c = if is_agent {
+            start_agent(&probe, listen)
+        } else {
+            start_openssh(&probe, listen, cipher)
+        };
+        wait_listening(listen).await;
+        drop(c);
+        // One session at a time, so the log's order is the clients' order.
+        let log = probe.log();
+        let names: Vec<String> = log
+            .lines()
+            .filter_map(|l| l.split("kex: server->client cipher: ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            names.len(),
+            found.len() + 1,
+            "expected one negotiated cipher per session in sshd's log:\n{log}"
+        );
+        found = names;
+    }
+    (found[0].clone(), found[1].clone())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     raise_nofile();
     let sc = scale();
-    // Both clients must use the same cipher: the server offers only this one.
-    let sshd = Sshd::start_with(&format!("Ciphers {CIPHER}\nMaxStartups 100\n"));
+    let forced = forced_cipher();
+    let sshd_config = match &forced {
+        // Like for like: the server offers only this cipher.
+        Some(c) => format!("Ciphers {c}\nMaxStartups 100\n"),
+        None => "MaxStartups 100\n".to_string(),
+    };
+    let (agent_cipher, ssh_cipher) = negotiated_ciphers(&sshd_config, forced.as_deref()).await;
+    let sshd = Sshd::start_with(&sshd_config);
     let svc = services().await;
     let mut agent_rounds = Vec::new();
     let mut ssh_rounds = Vec::new();
@@ -514,7 +559,7 @@ async fn main() {
             let c = if is_agent {
                 start_agent(&sshd, listen)
             } else {
-                start_openssh(&sshd, listen)
+                start_openssh(&sshd, listen, forced.as_deref())
             };
             wait_listening(listen).await;
             eprintln!("round {} {}", round + 1, c.name);
@@ -550,10 +595,20 @@ async fn main() {
         ("client peak RSS during fan-out, MiB", |r| r.rss_fanout_mib),
     ];
     let loopback = loopback_ceiling(sc.bulk.min(4 << 30));
-    let cipher = cipher_ceiling();
-    println!(
-        "\nsecoda-agent vs OpenSSH client, through one OpenSSH sshd, cipher {CIPHER} on both sides"
-    );
+    let mut ciphers = vec![agent_cipher.clone()];
+    if ssh_cipher != agent_cipher {
+        ciphers.push(ssh_cipher.clone());
+    }
+    let ceilings: Vec<(String, Option<f64>)> = ciphers
+        .iter()
+        .map(|c| (c.clone(), cipher_ceiling(c)))
+        .collect();
+    let offer = match &forced {
+        Some(c) => format!("the server offers only {c}"),
+        None => "sshd's default offer, each client's own preference".to_string(),
+    };
+    println!("\nsecoda-agent vs OpenSSH client, through one OpenSSH sshd; {offer}");
+    println!("cipher negotiated (from sshd's log): agent {agent_cipher}, OpenSSH {ssh_cipher}");
     println!("medians of {} alternating rounds; bulk {} MiB each way; {} connects; {} pings; fan-out {} x {} KiB",
         sc.rounds, sc.bulk >> 20, sc.connects, sc.pings, sc.fanout, sc.fanout_size >> 10);
     println!(
@@ -586,16 +641,29 @@ async fn main() {
             "{{\"measure\":\"{name}\",\"agent\":{a:.4},\"openssh\":{o:.4}}}"
         ));
     }
+    let shown: Vec<String> = ceilings
+        .iter()
+        .map(|(c, v)| match v {
+            Some(v) => format!("{c} alone {v:.0} MiB/s"),
+            None => format!("{c} alone n/a"),
+        })
+        .collect();
     println!(
-        "\nceilings in the same run: raw loopback TCP {loopback:.0} MiB/s; aes-256-gcm alone {}",
-        cipher
-            .map(|c| format!("{c:.0} MiB/s (openssl speed, 32 KiB blocks)"))
-            .unwrap_or("n/a".into())
+        "\nceilings in the same run: raw loopback TCP {loopback:.0} MiB/s; {} (openssl speed, 32 KiB blocks)",
+        shown.join("; ")
     );
+    let cipher_json: Vec<String> = ceilings
+        .iter()
+        .map(|(c, v)| {
+            let v = v.map(|v| format!("{v:.1}")).unwrap_or("null".into());
+            format!("\"{c}\":{v}")
+        })
+        .collect();
     let out = format!(
-        "{{\"cipher\":\"{CIPHER}\",\"rounds\":{},\"loopback_mibs\":{loopback:.1},\"cipher_mibs\":{},\"rows\":[{}]}}\n",
+        "{{\"forced_cipher\":{},\"cipher_agent\":\"{agent_cipher}\",\"cipher_openssh\":\"{ssh_cipher}\",\"rounds\":{},\"loopback_mibs\":{loopback:.1},\"cipher_mibs\":{{{}}},\"rows\":[{}]}}\n",
+        forced.as_ref().map(|c| format!("\"{c}\"")).unwrap_or("null".into()),
         sc.rounds,
-        cipher.map(|c| format!("{c:.1}")).unwrap_or("null".into()),
+        cipher_json.join(","),
         json.join(",")
     );
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench.json");
