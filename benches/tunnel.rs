@@ -515,17 +515,12 @@ async fn negotiated_ciphers(sshd_config: &str, cipher: Option<&str>) -> (String,
         wait_listening(listen).await;
         drop(c);
         // One session at a time, so the log's order is the clients' order.
-        let log = probe.log();
-        let names: Vec<String> = log
-            .lines()
-            .filter_map(|l| l.split("kex: server->client cipher: ").nth(1))
-            .filter_map(|rest| rest.split_whitespace().next())
-            .map(String::from)
-            .collect();
+        let names = probe.negotiated_ciphers();
         assert_eq!(
             names.len(),
             found.len() + 1,
-            "expected one negotiated cipher per session in sshd's log:\n{log}"
+            "expected one negotiated cipher per session in sshd's log:\n{}",
+            probe.log()
         );
         found = names;
     }

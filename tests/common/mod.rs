@@ -192,6 +192,16 @@ impl Sshd {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
+    /// The cipher of each session so far, in order, as sshd logs it (needs `LogLevel DEBUG1`).
+    pub fn negotiated_ciphers(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter_map(|l| l.split("kex: server->client cipher: ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(String::from)
+            .collect()
+    }
+
     pub fn authorize(&self, public: &str) {
         let path = self.dir.path().join("authorized_keys");
         let mut keys = std::fs::read_to_string(&path).unwrap();
