@@ -170,43 +170,16 @@ fn start_agent(sshd: &Sshd, listen: u16) -> Client {
 }
 
 fn start_openssh(sshd: &Sshd, listen: u16, cipher: Option<&str>) -> Client {
-    let known = sshd.dir.path().join("known_hosts");
-    std::fs::write(
-        &known,
-        format!("[127.0.0.1]:{} {}\n", sshd.port, sshd.host_key),
-    )
-    .unwrap();
-    let child = Command::new("ssh")
-        .args([
-            "-N",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
-        .args([
-            "-o",
-            "ServerAliveInterval=15",
-            "-o",
-            "ServerAliveCountMax=4",
-        ])
-        .args(cipher.map(|c| ["-c", c]).into_iter().flatten())
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .arg("-i")
-        .arg(&sshd.client_key)
-        .args([
-            "-p",
-            &sshd.port.to_string(),
-            "-R",
-            &format!("127.0.0.1:{listen}"),
-        ])
-        .arg(format!("{}@127.0.0.1", sshd.user))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut extra = vec![
+        "-o",
+        "ServerAliveInterval=15",
+        "-o",
+        "ServerAliveCountMax=4",
+    ];
+    if let Some(c) = cipher {
+        extra.extend(["-c", c]);
+    }
+    let child = sshd.openssh_forward(listen, &extra).spawn().unwrap();
     Client {
         name: "openssh",
         ssh: Some(child),

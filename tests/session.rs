@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine;
@@ -186,28 +186,8 @@ async fn a_listen_port_still_held_is_retried_until_free() {
     let sshd = Sshd::start();
     let listen = free_port();
     // A plain OpenSSH client holds the port first, as a previous session would.
-    let mut holder = Command::new("ssh")
-        .args([
-            "-N",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
-        .arg("-i")
-        .arg(&sshd.client_key)
-        .args([
-            "-p",
-            &sshd.port.to_string(),
-            "-R",
-            &format!("127.0.0.1:{listen}"),
-        ])
-        .arg(format!("{}@127.0.0.1", sshd.user))
-        .stdin(Stdio::null())
+    let mut holder = sshd
+        .openssh_forward(listen, &[])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

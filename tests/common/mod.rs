@@ -192,6 +192,37 @@ impl Sshd {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
+    /// OpenSSH's own client holding a dynamic remote forward on `listen`, as the Docker image
+    /// runs it (`ssh -N -R PORT`), with this server's host key pinned; `extra` options go
+    /// before the destination.
+    pub fn openssh_forward(&self, listen: u16, extra: &[&str]) -> Command {
+        let known = self.dir.path().join("known_hosts");
+        std::fs::write(
+            &known,
+            format!("[127.0.0.1]:{} {}\n", self.port, self.host_key),
+        )
+        .unwrap();
+        let mut ssh = Command::new("ssh");
+        ssh.args([
+            "-N",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .args(["-o", "ExitOnForwardFailure=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .arg("-i")
+        .arg(&self.client_key)
+        .args(["-p", &self.port.to_string()])
+        .args(["-R", &format!("127.0.0.1:{listen}")])
+        .args(extra)
+        .arg(format!("{}@127.0.0.1", self.user))
+        .stdin(Stdio::null());
+        ssh
+    }
+
     /// The cipher of each session so far, in order, as sshd logs it (needs `LogLevel DEBUG1`).
     pub fn negotiated_ciphers(&self) -> Vec<String> {
         self.log()
