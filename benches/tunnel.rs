@@ -3,7 +3,10 @@
 //!
 //!     cargo bench --bench tunnel                 # full run (5 rounds; BENCH_ROUNDS=N)
 //!     BENCH_QUICK=1 cargo bench --bench tunnel   # small sizes, a smoke check
+//!     BENCH_CIPHER=aes256-gcm@openssh.com ...    # like for like: sshd offers only that cipher
 //!
+//! By default sshd makes its default cipher offer and each client chooses as it would in
+//! production; the cipher each side negotiated is read from sshd's log and printed.
 //! Prints a table (agent, OpenSSH, ratio) and writes target/bench.json.
 
 #[path = "../tests/common/mod.rs"]
