@@ -61,8 +61,9 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 /// The same failure is logged at every attempt this many times, then summarised.
 pub const REPEAT_LOG_LIMIT: u32 = 3;
 
-/// SSH flow control. A 16 MiB window per channel keeps a loopback or LAN link full;
-/// 32 KiB packets match OpenSSH's channel packet size.
+/// SSH flow control: OpenSSH's own 2 MiB channel window (16 MiB made sshd spend its time
+/// moving buffers, 4 MiB gained nothing; README "Performance") and 32 KiB packets, OpenSSH's
+/// channel packet size.
 pub const SSH_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// Key re-exchange, initiated by us only past these bounds: twice OpenSSH's own bound for
@@ -96,6 +97,11 @@ pub const SSH_READ_BUFFER: usize = 256 * 1024;
 pub const COALESCE_AFTER_READ: usize = 32 * 1024;
 pub const COALESCE_BYTES: usize = 256 * 1024;
 pub const COALESCE_WAIT: Duration = Duration::from_millis(1);
+// One channel alone must be able to fill the mark: russh re-opens a window when half of it is
+// used, so as little as half the window may be in flight. A mark above that makes a lone bulk
+// channel wait for the fallback timer on every read (seen: a 256 KiB window ran at a sixth
+// of the speed).
+const _: () = assert!(2 * COALESCE_BYTES <= SSH_WINDOW_SIZE as usize / 2);
 /// ... and only once the socket's receive buffer has grown to this (see transport.rs).
 pub const COALESCE_MIN_RCVBUF: usize = 4 * COALESCE_BYTES;
 /// While the buffer is smaller, the check is repeated every this many large reads.
