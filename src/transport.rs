@@ -158,12 +158,74 @@ pub struct Transport {
     pause: Option<(Pause, usize)>,
     /// A pause saw no progress: read freely until the queue is below half the mark.
     stuck: bool,
-    /// Consecutive large reads, and whether `SO_RCVLOWAT` is raised because of them (point 5).
+    coalesce: Coalesce,
+}
+
+/// Point 5: consecutive large reads, and whether `SO_RCVLOWAT` is raised because of them.
+#[derive(Default)]
+struct Coalesce {
     streak: u8,
-    coalescing: bool,
-    /// While coalescing, how long a wait for the socket may last before the mark drops.
-    coalesce_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    coalesce_armed: bool,
+    on: bool,
+    /// While on, how long a wait for the socket may last before the mark drops.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl Coalesce {
+    /// After a read of `n` bytes. Bulk data starts coalescing; only a quiet spell (the timer)
+    /// ends it, since the read right after a full one is often short while data keeps flowing.
+    fn after_read(&mut self, tcp: &TcpStream, n: usize) {
+        self.armed = false;
+        if n >= COALESCE_AFTER_READ {
+            self.streak = self.streak.wrapping_add(1);
+            // Try at the second large read, and then only every `COALESCE_RETRY_READS`:
+            // while the receive buffer is too small, each try costs a system call.
+            if !self.on && self.streak % COALESCE_RETRY_READS == 2 {
+                self.set(tcp, true);
+            }
+        } else if !self.on {
+            self.streak = 0;
+        }
+    }
+
+    /// Raise or drop the mark. Raising needs a receive buffer of at least
+    /// `COALESCE_MIN_RCVBUF`: below that, Linux would grow the buffer for the mark and clamp
+    /// the TCP window to it, which a long-distance link would feel. A failure only costs
+    /// wake-ups.
+    fn set(&mut self, tcp: &TcpStream, on: bool) {
+        if on {
+            let big = socket2::SockRef::from(tcp)
+                .recv_buffer_size()
+                .is_ok_and(|b| b >= COALESCE_MIN_RCVBUF);
+            self.on = big && set_recv_lowat(tcp, COALESCE_BYTES).is_ok();
+        } else {
+            let _ = set_recv_lowat(tcp, 1);
+            self.on = false;
+        }
+        self.armed = false;
+    }
+
+    /// The socket had nothing to read. While on, arm the fallback timer; once a wait has
+    /// lasted `COALESCE_WAIT`, drop the mark, which makes the kernel signal whatever is
+    /// waiting and so wakes the task again.
+    fn poll_wait(&mut self, tcp: &TcpStream, cx: &mut Context<'_>) {
+        if !self.on {
+            return;
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE_WAIT)));
+        if !self.armed {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + COALESCE_WAIT);
+            self.armed = true;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            self.streak = 0;
+            self.set(tcp, false);
+        }
+    }
 }
 
 impl Transport {
@@ -184,48 +246,8 @@ impl Transport {
             rbuf: vec![0u8; SSH_READ_BUFFER].into_boxed_slice(),
             rpos: 0,
             rlen: 0,
-            streak: 0,
-            coalescing: false,
-            coalesce_timer: None,
-            coalesce_armed: false,
+            coalesce: Coalesce::default(),
         }
-    }
-
-    /// Start or stop coalescing (point 5). Starting needs a receive buffer of at least
-    /// `COALESCE_MIN_RCVBUF`: below that, Linux would grow the buffer for the mark and clamp
-    /// the TCP window to it, which a long-distance link would feel. A failure only costs
-    /// wake-ups.
-    fn coalesce(&mut self, on: bool) {
-        if on {
-            let big = socket2::SockRef::from(&self.tcp)
-                .recv_buffer_size()
-                .is_ok_and(|b| b >= COALESCE_MIN_RCVBUF);
-            self.coalescing = big && set_recv_lowat(&self.tcp, COALESCE_BYTES).is_ok();
-        } else {
-            let _ = set_recv_lowat(&self.tcp, 1);
-            self.coalescing = false;
-        }
-        self.coalesce_armed = false;
-    }
-
-    /// While coalescing and waiting: `Ready` once the wait has lasted `COALESCE_WAIT` (the
-    /// mark is then dropped), else `Pending` with the timer armed.
-    fn poll_coalesce_timeout(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let timer = self
-            .coalesce_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(COALESCE_WAIT)));
-        if !self.coalesce_armed {
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + COALESCE_WAIT);
-            self.coalesce_armed = true;
-        }
-        if timer.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        self.streak = 0;
-        self.coalesce(false);
-        Poll::Ready(())
     }
 
     /// Write buffered bytes until done (`Ready`) or the socket is full (`Pending`, with the
@@ -328,33 +350,17 @@ impl AsyncRead for Transport {
             match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Pending => {
-                    // Dropping the mark makes the kernel signal whatever is waiting, which
-                    // wakes this task again.
-                    if this.coalescing {
-                        let _ = this.poll_coalesce_timeout(cx);
-                    }
+                    this.coalesce.poll_wait(&this.tcp, cx);
                     return Poll::Pending;
                 }
                 other => return other,
             }
             let n = rb.filled().len();
             (this.rpos, this.rlen) = (0, n);
-            this.coalesce_armed = false;
-            // Bulk data starts coalescing; only a quiet spell (the timer) ends it, since the
-            // read right after a full one is often short while data keeps flowing.
-            if n >= COALESCE_AFTER_READ {
-                this.streak = this.streak.wrapping_add(1);
-                // Try at the second large read, and then only every `COALESCE_RETRY_READS`:
-                // while the receive buffer is too small, each try costs a system call.
-                if !this.coalescing && this.streak % COALESCE_RETRY_READS == 2 {
-                    this.coalesce(true);
-                }
-            } else if !this.coalescing {
-                this.streak = 0;
-            }
+            this.coalesce.after_read(&this.tcp, n);
             if n > 0 {
                 this.received.fetch_add(n as u64, Ordering::Relaxed);
-                if n < QUICKACK_BELOW && !this.coalescing {
+                if n < QUICKACK_BELOW && !this.coalesce.on {
                     // Best effort: a failure only costs latency.
                     let _ = socket2::SockRef::from(&this.tcp).set_tcp_quickack(true);
                 }
@@ -451,7 +457,7 @@ mod tests {
         for _ in 0..256 {
             let (w, ()) = tokio::join!(peer.write_all(&block), read_exactly(&mut t, block.len()));
             w.unwrap();
-            if t.coalescing {
+            if t.coalesce.on {
                 engaged = true;
                 break;
             }
@@ -477,7 +483,7 @@ mod tests {
             waited < Duration::from_millis(500),
             "a 100-byte tail waited {waited:?}"
         );
-        assert!(!t.coalescing, "coalescing outlived the burst");
+        assert!(!t.coalesce.on, "coalescing outlived the burst");
 
         // Quiet again: the next small message needs no timer.
         let started = Instant::now();
@@ -492,7 +498,7 @@ mod tests {
         for _ in 0..200 {
             peer.write_all(&[3u8; 1000]).await.unwrap();
             read_exactly(&mut t, 1000).await;
-            assert!(!t.coalescing);
+            assert!(!t.coalesce.on);
         }
     }
 }
