@@ -141,9 +141,10 @@ impl client::Handler for Client {
         let (read_half, write_half) = channel.split();
         let settings = self.fwd.settings();
         let (inbox, input) = forward::inbox(settings.max_pending, self.intake.clone());
-        let inbox = inbox.with_queue(read_half); // see the module comment
-                                                 // A channel we had to close first gets no `channel_close` callback from russh: drop
-                                                 // the inboxes of ended channels now and then (amortised over channel opens).
+        // russh's queue for the channel is emptied by the handler (see the module comment).
+        let inbox = inbox.with_queue(read_half);
+        // A channel we had to close first gets no `channel_close` callback from russh: drop
+        // the inboxes of ended channels now and then (amortised over channel opens).
         if self.inboxes.len() >= self.prune_at {
             self.inboxes.retain(|_, i| !i.is_closed());
             self.prune_at = (self.inboxes.len() * 2).max(64);
@@ -298,7 +299,7 @@ async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) 
 /// carry-less multiply, or the ARMv8 crypto extensions) AES-GCM comes first: sshd encrypts it
 /// about twice as fast as chacha20-poly1305, and sshd sets the pace of a bulk transfer.
 /// Without it, software AES is the slow one, so chacha20-poly1305 comes first. OpenSSH's
-/// client always prefers chacha20-poly1305.
+/// client prefers chacha20-poly1305 by default.
 pub(crate) fn cipher_preference(aes_in_hardware: bool) -> &'static [cipher::Name] {
     if aes_in_hardware {
         &[
