@@ -1,17 +1,66 @@
 #!/usr/bin/env bash
-# Builds the .deb and .rpm from a clean checkout into target/packages/.
+# Builds the packages from a clean checkout into target/packages/: a .deb and an .rpm for
+# x86_64 and for aarch64, each binary linked against glibc 2.17 (so they install on RHEL 8/9
+# and clones, Amazon Linux 2 and 2023, Debian 10+, Ubuntu 18.04+), plus SHA256SUMS.
+#
+# Why cargo-zigbuild: zig ships the headers and symbol lists of every glibc release, so one
+# Debian 12 x86_64 machine links both architectures against glibc 2.17 with no cross gcc, no
+# old sysroot to keep and no container. The code is compiled by the same rustc as the native
+# build; zig only links.
+#
+# Installs its own tools when missing, pinned: cargo-deb, cargo-generate-rpm, cargo-zigbuild
+# (crates), zig (PyPI package ziglang, in a venv under ~/.cache/secoda-agent-build), the Rust
+# targets. Needs binutils' readelf (Debian: binutils).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The packaging tools, pinned (installed once per machine).
-command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
-command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm@0.21.1
+CARGO_DEB=3.8.0
+CARGO_GENERATE_RPM=0.21.1
+CARGO_ZIGBUILD=0.24.1
+ZIG=0.15.2
+# The oldest glibc the packages run on: Rust's own minimum for *-linux-gnu.
+GLIBC=2.17
+TARGETS=(x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu)
 
-cargo build --locked --release
-mkdir -p target/man target/packages
+# `cargo install` of the same version is a no-op; another version is replaced by the pin.
+installed() { cargo install --list | grep -qx "$1 v$2:"; }
+installed cargo-deb "$CARGO_DEB" || cargo install --locked "cargo-deb@$CARGO_DEB"
+installed cargo-generate-rpm "$CARGO_GENERATE_RPM" || cargo install --locked "cargo-generate-rpm@$CARGO_GENERATE_RPM"
+installed cargo-zigbuild "$CARGO_ZIGBUILD" || cargo install --locked "cargo-zigbuild@$CARGO_ZIGBUILD"
+venv=${XDG_CACHE_HOME:-$HOME/.cache}/secoda-agent-build/zig-$ZIG
+if [ ! -x "$venv/bin/python3" ] || ! "$venv/bin/python3" -m ziglang version >/dev/null 2>&1; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "ziglang==$ZIG"
+fi
+# cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on PATH: the venv's python3 has it.
+export PATH="$venv/bin:$PATH"
+rustup target list --installed | grep -qx aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
+rustup target list --installed | grep -qx x86_64-unknown-linux-gnu || rustup target add x86_64-unknown-linux-gnu
+
+mkdir -p target/man
 for page in packaging/man/*.[0-9]; do
     gzip -9n -c "$page" > "target/man/$(basename "$page").gz"
 done
-cargo deb --no-build --output target/packages/
-cargo generate-rpm --output target/packages/
+rm -rf target/packages
+mkdir -p target/packages
+
+for target in "${TARGETS[@]}"; do
+    cargo zigbuild --locked --release --target "$target.$GLIBC"
+    bin=target/$target/release/secoda-agent
+    # Refuse to package a binary that a glibc-2.17 system could not load, or that links a
+    # library beyond glibc's (the .deb depends on libc6 only, see Cargo.toml).
+    newer=$(readelf -W --dyn-syms "$bin" | grep -oE 'GLIBC_[0-9.]+' | sort -uV \
+        | awk -F'[_.]' -v max="$GLIBC" 'BEGIN { split(max, m, ".") } $2 > m[1] || ($2 == m[1] && $3 > m[2])')
+    [ -z "$newer" ] || { echo "$bin needs a glibc newer than $GLIBC: $newer" >&2; exit 1; }
+    needed=$(readelf -W -d "$bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' \
+        | grep -vxE 'libc\.so\.6|libm\.so\.6|libpthread\.so\.0|libdl\.so\.2|librt\.so\.1|ld-linux-(x86-64|aarch64)\.so\.[12]' || true)
+    [ -z "$needed" ] || { echo "$bin links a library the packages do not depend on: $needed" >&2; exit 1; }
+    # The profile already strips; cargo-deb's own strip would need a cross binutils.
+    cargo deb --no-build --no-strip --target "$target" --output target/packages/
+    # xz, not the default zstd: rpm before 4.14 (Amazon Linux 2) cannot read a zstd payload.
+    cargo generate-rpm --target "$target" --payload-compress xz --output target/packages/
+done
+
+(cd target/packages && sha256sum -- *.deb *.rpm > SHA256SUMS)
 ls -l target/packages/

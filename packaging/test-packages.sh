@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Proves the packages under real systemd: builds the .deb and .rpm, checks them (lintian, rpm
-# queries), boots a Debian 12 minbase root filesystem with systemd-nspawn, installs the .deb,
-# and drives the service against an sshd on the host's loopback (nspawn shares the host's
-# network). Needs root. The pristine rootfs is cached in target/rootfs-bookworm.
+# Proves the packages: builds all four (packaging/build.sh), checks their metadata (lintian, the
+# glibc 2.17 baseline, rpm queries, SHA256SUMS), then
+#   - boots Debian 12 (systemd 252) with systemd-nspawn, installs the amd64 .deb and drives the
+#     service against an sshd on the host's loopback (nspawn shares the host's network);
+#   - boots Debian 11 (glibc 2.31, systemd 247) and runs the core checks there;
+#   - runs the .rpm's scriptlets for real in a booted Debian 12 with Debian's rpm (no
+#     RHEL-family system can be booted here): install, upgrade, erase;
+#   - installs the arm64 .deb with dpkg in an arm64 Debian 12 root filesystem and runs the
+#     aarch64 agent there under qemu-user (binfmt_misc): tunnel up, SOCKS5 by name, a
+#     byte-exact transfer.
+# Needs root. Pristine root filesystems are cached in $SECODA_ROOTFS_CACHE (default
+# /var/cache/secoda-agent-test), rebuilt when their package list changes.
+# SECODA_SKIP_BUILD=1 tests the packages already in target/packages/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tests/sshd-lib.sh
@@ -13,7 +22,9 @@ passed=0
 ok() { echo "ok: $*"; passed=$((passed + 1)); }
 
 missing=()
-for tool in debootstrap:debootstrap systemd-nspawn:systemd-container lintian:lintian rpm:rpm curl:curl python3:python3; do
+for tool in debootstrap:debootstrap systemd-nspawn:systemd-container lintian:lintian rpm:rpm \
+    curl:curl python3:python3 readelf:binutils qemu-aarch64-static:qemu-user-static \
+    update-binfmts:binfmt-support; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
@@ -22,17 +33,55 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-step "build"
-packaging/build.sh
-deb=$(ls target/packages/secoda-agent_*.deb | head -1)
-rpm_file=$(ls target/packages/secoda-agent-*.rpm | head -1)
+if [ "${SECODA_SKIP_BUILD:-}" != 1 ]; then
+    step "build"
+    packaging/build.sh
+fi
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+pkgs=target/packages
+deb=$pkgs/secoda-agent_${version}-1_amd64.deb
+deb_arm=$pkgs/secoda-agent_${version}-1_arm64.deb
+rpm_file=$pkgs/secoda-agent-${version}-1.x86_64.rpm
+rpm_arm=$pkgs/secoda-agent-${version}-1.aarch64.rpm
+for f in "$deb" "$deb_arm" "$rpm_file" "$rpm_arm" "$pkgs/SHA256SUMS"; do
+    [ -f "$f" ] || fail "$f was not built"
+done
 
-step "lintian"
-lintian --fail-on error,warning "$deb" \
-    || fail "lintian reports errors or warnings"
-ok "lintian clean"
+step "metadata"
+(cd "$pkgs" && sha256sum --quiet -c SHA256SUMS) || fail "SHA256SUMS does not match the packages"
+[ "$(wc -l < "$pkgs/SHA256SUMS")" = 4 ] || fail "SHA256SUMS does not list the four packages"
+ok "SHA256SUMS lists and verifies all four packages"
+for d in "$deb" "$deb_arm"; do
+    lintian --fail-on error,warning "$d" || fail "lintian reports errors or warnings on $d"
+done
+ok "lintian clean (amd64, arm64)"
+[ "$(dpkg-deb -f "$deb" Architecture)" = amd64 ] && [ "$(dpkg-deb -f "$deb_arm" Architecture)" = arm64 ] \
+    || fail "deb architectures"
+for d in "$deb" "$deb_arm"; do
+    depends=$(dpkg-deb -f "$d" Depends)
+    echo "$depends" | grep -F 'libc6 (>= 2.17)' >/dev/null || fail "$d: Depends: $depends"
+    echo "$depends" | grep -E 'libc6 \(>= 2\.(1[89]|[2-9][0-9])' >/dev/null && fail "$d: Depends: $depends"
+done
+for r in "$rpm_file:x86_64" "$rpm_arm:aarch64"; do
+    f=${r%:*}
+    [ "$(rpm -qp --qf '%{ARCH}' "$f" 2>/dev/null)" = "${r##*:}" ] || fail "$f: architecture"
+    requires=$(rpm -qpR "$f" 2>/dev/null)
+    echo "$requires" | grep -F 'libc.so.6(GLIBC_2.17)' >/dev/null || fail "$f requires: $requires"
+    echo "$requires" | grep -E 'GLIBC_2\.(1[89]|[2-9][0-9])' >/dev/null && fail "$f requires a newer glibc: $requires"
+    echo "$requires" | grep PayloadIsZstd >/dev/null && fail "$f has a zstd payload, which rpm < 4.14 cannot read"
+done
+# The binaries inside the packages, not only the ones in target/.
+for d in "$deb:X86-64" "$deb_arm:AArch64"; do
+    x=$(mktemp -d)
+    dpkg-deb -x "${d%:*}" "$x"
+    readelf -h "$x/usr/bin/secoda-agent" | grep -E "Machine: +(Advanced Micro Devices )?${d##*:}" >/dev/null \
+        || fail "${d%:*}: $(readelf -h "$x/usr/bin/secoda-agent" | grep Machine)"
+    newest=$(readelf -W --dyn-syms "$x/usr/bin/secoda-agent" | grep -oE 'GLIBC_2\.[0-9]+' | sort -uV | tail -1)
+    rm -rf "$x"
+    [ "$newest" = GLIBC_2.17 ] || fail "${d%:*}: the binary's newest glibc symbol is $newest, not GLIBC_2.17"
+done
+ok "glibc 2.17 baseline: binaries, Depends libc6 (>= 2.17), no GLIBC_2.18+ in the rpm requires"
 
-step "rpm metadata"
 rpm_info=$(rpm -qp --scripts --configfiles "$rpm_file" 2>/dev/null)
 rpm_files=$(rpm -qpl "$rpm_file" 2>/dev/null)
 echo "$rpm_info" | grep -qx "/etc/secoda-agent/agent.toml" || fail "agent.toml is not %config"
@@ -41,61 +90,163 @@ rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file" | grep "^cn /etc
 for f in /usr/bin/secoda-agent /usr/lib/systemd/system/secoda-agent.service /usr/lib/systemd/system/secoda-agent@.service /usr/share/man/man8/secoda-agent.8.gz; do
     echo "$rpm_files" | grep -qx "$f" || fail "$f missing from the rpm"
 done
-echo "$rpm_info" | grep -q "useradd --system" || fail "%pre does not create the user"
-echo "$rpm_info" | grep -q "try-restart secoda-agent.service" || fail "%postun does not restart on upgrade"
-ok "rpm: files, %config(noreplace), scriptlets"
+ok "rpm: files, %config(noreplace), scriptlets present"
 
-step "root filesystem"
-cache=target/rootfs-bookworm
-if [ ! -f "$cache/.complete" ]; then
-    rm -rf "$cache"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates \
-        bookworm "$cache" http://deb.debian.org/debian >/dev/null
-    touch "$cache/.complete"
-fi
+# rootfs RELEASE ARCH INCLUDE: the path of a cached pristine minbase root filesystem.
+ROOTFS_CACHE=${SECODA_ROOTFS_CACHE:-/var/cache/secoda-agent-test}
+rootfs() {
+    local dir=$ROOTFS_CACHE/$1-$2 stamp="$1 $2 $3"
+    if [ "$(cat "$dir/.complete" 2>/dev/null)" != "$stamp" ]; then
+        rm -rf "$dir" "$dir.tmp"
+        mkdir -p "$ROOTFS_CACHE"
+        debootstrap --arch="$2" --variant=minbase ${3:+--include="$3"} "$1" "$dir.tmp" \
+            http://deb.debian.org/debian >"$ROOTFS_CACHE/$1-$2.log" 2>&1 \
+            || fail "debootstrap $1 $2: $(tail -5 "$ROOTFS_CACHE/$1-$2.log")"
+        echo "$stamp" > "$dir.tmp/.complete"
+        mv "$dir.tmp" "$dir"
+    fi
+    echo "$dir"
+}
+# A fresh copy of a cached root filesystem, with the /etc/hosts every real host has
+# (debootstrap writes none; the agent resolves "localhost").
+fresh_root() {
+    local root=$work/$1
+    cp -a "$(rootfs "$2" "$3" "$4")" "$root"
+    [ -s "$root/etc/hosts" ] || printf '127.0.0.1 localhost\n::1 localhost ip6-localhost\n' > "$root/etc/hosts"
+    echo "$root"
+}
+
+# What the booted Debian 12 needs: systemd, busybox (httpd, kill), man-db, rpm (scriptlet test).
+BOOKWORM_PACKAGES=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates,rpm
+
 work=$(mktemp -d /tmp/secoda-pkgtest.XXXXXX)
-root=$work/root
-cp -a "$cache" "$root"
 nspawn_pid=""
+agent_pid=""
+mounted=""
+stop_container() {
+    if [ -n "$nspawn_pid" ]; then
+        kill "$nspawn_pid" 2>/dev/null || true
+        wait "$nspawn_pid" 2>/dev/null || true
+        nspawn_pid=""
+    fi
+}
 cleanup() {
-    [ -n "$nspawn_pid" ] && kill "$nspawn_pid" 2>/dev/null && wait "$nspawn_pid" 2>/dev/null
+    stop_container
+    [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null
     [ -n "${SSHD_PID:-}" ] && kill "$SSHD_PID" 2>/dev/null
-    rm -rf "$work"
+    [ -n "${BLOB_PID:-}" ] && kill "$BLOB_PID" 2>/dev/null
+    [ -n "$mounted" ] && umount "$mounted" 2>/dev/null
+    rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
-cp "$deb" "$root/root/"
-# debootstrap writes no /etc/hosts; every real host has one (the agent resolves "localhost").
-[ -s "$root/etc/hosts" ] || printf '127.0.0.1 localhost\n::1 localhost ip6-localhost\n' > "$root/etc/hosts"
 
 start_test_sshd "$work"
-listen_port=$(free_port)
-web_port=$(free_port)
-eu_port=$(free_port)
 metrics_port=$(free_port)
 
-step "boot"
-systemd-nspawn -q -D "$root" --boot --register=no --keep-unit >"$work/nspawn.log" 2>&1 &
-nspawn_pid=$!
-init_pid=""
-for _ in $(seq 1 100); do
-    init_pid=$(pgrep -P "$nspawn_pid" | head -1 || true)
-    [ -n "$init_pid" ] && nsenter -t "$init_pid" -a true 2>/dev/null && break
-    sleep 0.1
-done
-[ -n "$init_pid" ] || fail "container did not boot: $(cat "$work/nspawn.log")"
+# boot ROOT: boots it with systemd-nspawn; sets init_pid for `inside`.
+boot() {
+    local root=$1
+    systemd-nspawn -q -D "$root" --boot --register=no --keep-unit >"$work/nspawn-$(basename "$root").log" 2>&1 &
+    nspawn_pid=$!
+    init_pid=""
+    for _ in $(seq 1 100); do
+        init_pid=$(pgrep -P "$nspawn_pid" | head -1 || true)
+        [ -n "$init_pid" ] && nsenter -t "$init_pid" -a true 2>/dev/null && break
+        sleep 0.1
+    done
+    [ -n "$init_pid" ] || fail "container did not boot: $(cat "$work/nspawn-$(basename "$root").log")"
+    for _ in $(seq 1 100); do
+        state=$(inside systemctl is-system-running 2>/dev/null || true)
+        case "$state" in running|degraded) break ;; esac
+        sleep 0.1
+    done
+    ROOT=$root
+    ok "booted $(grep PRETTY_NAME "$root/etc/os-release" | cut -d'"' -f2), systemd $(inside systemctl --version | head -1 | cut -d' ' -f2) (init pid $init_pid)"
+}
 inside() { nsenter -t "$init_pid" -a "$@"; }
 # `systemctl status` exits 3 for a unit that is not active yet; only its text matters here.
-unit_status() { inside systemctl status secoda-agent --no-pager -l -n 20 2>&1 || true; }
+unit_status() { inside systemctl status "${1:-secoda-agent}" --no-pager -l -n 20 2>&1 || true; }
 # (Pipelines below end in `grep PATTERN >/dev/null`, not `grep -q`: under pipefail an early
 # exit of grep -q can fail the pipeline through SIGPIPE on its left side.)
-for _ in $(seq 1 100); do
-    state=$(inside systemctl is-system-running 2>/dev/null || true)
-    case "$state" in running|degraded) break ;; esac
-    sleep 0.1
-done
-ok "booted (init pid $init_pid)"
 
-step "install"
+# write_config [NAME [LISTEN_PORT [ROOT]]]: a config for the host's sshd with the test key.
+write_config() {
+    cat > "${3:-$ROOT}/etc/secoda-agent/${1:-agent}.toml" <<CFG
+[tunnel]
+host = "127.0.0.1"
+port = $SSH_PORT
+user = "root"
+listen_port = ${2:-$listen_port}
+listen_address = "127.0.0.1"
+key_file = "/etc/secoda-agent/id_ed25519"
+host_keys = ["$HOST_KEY_LINE"]
+keepalive_interval = "5s"
+keepalive_max = 2
+CFG
+}
+install_key() {
+    install -m 0600 "$AGENT_KEY" "$ROOT/etc/secoda-agent/id_ed25519"
+    inside chown secoda-agent:secoda-agent /etc/secoda-agent/id_ed25519
+}
+# A web server inside the container, reached through the tunnel by name ("localhost").
+start_web() {
+    web_port=$(free_port)
+    inside mkdir -p /srv/www
+    echo "hello from inside the container" > "$ROOT/srv/www/index.html"
+    inside busybox httpd -p "127.0.0.1:$web_port" -h /srv/www
+}
+fetch_through() {
+    local page
+    page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$1" "http://localhost:$web_port/") || true
+    [ "$page" = "hello from inside the container" ] || fail "${2:-curl through the tunnel}: $page"
+}
+wait_active() {
+    for _ in $(seq 1 150); do
+        [ "$(inside systemctl is-active "${1:-secoda-agent}" || true)" = "active" ] && return 0
+        sleep 0.2
+    done
+    fail "${1:-secoda-agent} did not become active: $(unit_status "${1:-secoda-agent}")"
+}
+check_connected() {
+    unit_status | grep "Status: \"connected to 127.0.0.1:$SSH_PORT, listening on 127.0.0.1:$listen_port" >/dev/null \
+        || fail "no connected STATUS: $(unit_status)"
+    fetch_through "$listen_port"
+}
+check_status_command() {
+    local out
+    out=$(inside secoda-agent status) || fail "status exit $? while up: $out"
+    echo "$out" | grep "tunnel up" >/dev/null || fail "status: $out"
+}
+# A broken config is refused by reload (even by a bare SIGHUP); the old one keeps serving.
+check_reload() {
+    echo "this is not toml" > "$ROOT/etc/secoda-agent/agent.toml"
+    if inside systemctl reload secoda-agent 2>/dev/null; then fail "reload with a broken config succeeded"; fi
+    local pid
+    pid=$(inside systemctl show -p MainPID --value secoda-agent)
+    inside /bin/sh -c "kill -HUP $pid"
+    sleep 1
+    [ "$(inside systemctl is-active secoda-agent)" = "active" ] || fail "not active after a broken reload"
+    unit_status | grep 'Status: "config reload failed' >/dev/null || fail "STATUS does not say the reload failed: $(unit_status)"
+    fetch_through "$listen_port" "the old config stopped serving"
+    write_config
+    inside systemctl reload secoda-agent
+}
+check_purge() {
+    inside env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q secoda-agent >/dev/null
+    for p in /etc/secoda-agent /usr/bin/secoda-agent /lib/systemd/system/secoda-agent.service /lib/systemd/system/secoda-agent@.service /usr/share/doc/secoda-agent; do
+        [ ! -e "$ROOT$p" ] || fail "$p left behind after purge"
+    done
+    [ "$(inside systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after purge"
+}
+
+step "Debian 12: boot"
+root=$(fresh_root bookworm bookworm amd64 "$BOOKWORM_PACKAGES")
+boot "$root"
+listen_port=$(free_port)
+eu_port=$(free_port)
+cp "$deb" "$ROOT/root/"
+
+step "Debian 12: install"
 inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/"$(basename "$deb")" >/dev/null
 inside getent passwd secoda-agent >/dev/null || fail "no secoda-agent user"
 [ "$(inside stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent: $(inside stat -c '%U:%G %a' /etc/secoda-agent)"
@@ -110,31 +261,14 @@ exposure=$(inside systemd-analyze security secoda-agent 2>&1 | sed -n 's/.*Overa
 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 1.5) }' || fail "exposure $exposure > 1.5"
 ok "systemd-analyze verify clean, security exposure $exposure"
 
-step "configure and start (server down: must stay activating)"
-inside mkdir -p /srv/www
-echo "hello from inside the container" > "$root/srv/www/index.html"
-inside busybox httpd -p "127.0.0.1:$web_port" -h /srv/www
-install -m 0600 "$AGENT_KEY" "$root/etc/secoda-agent/id_ed25519"
-inside chown secoda-agent:secoda-agent /etc/secoda-agent/id_ed25519
-write_config() {
-    cat > "$root/etc/secoda-agent/${1:-agent}.toml" <<CFG
-[tunnel]
-host = "127.0.0.1"
-port = $SSH_PORT
-user = "root"
-listen_port = ${2:-$listen_port}
-listen_address = "127.0.0.1"
-key_file = "/etc/secoda-agent/id_ed25519"
-host_keys = ["$HOST_KEY_LINE"]
-keepalive_interval = "5s"
-keepalive_max = 2
-CFG
-}
+step "Debian 12: configure and start (server down: must stay activating)"
+start_web
+install_key
 write_config
 kill "$SSHD_PID"; wait "$SSHD_PID" 2>/dev/null || true
 # A short watchdog for the SIGSTOP check below.
-mkdir -p "$root/etc/systemd/system/secoda-agent.service.d"
-printf '[Service]\nWatchdogSec=4s\n' > "$root/etc/systemd/system/secoda-agent.service.d/test.conf"
+mkdir -p "$ROOT/etc/systemd/system/secoda-agent.service.d"
+printf '[Service]\nWatchdogSec=4s\n' > "$ROOT/etc/systemd/system/secoda-agent.service.d/test.conf"
 inside systemctl daemon-reload
 inside systemctl enable secoda-agent >/dev/null 2>&1
 inside systemctl start --no-block secoda-agent
@@ -144,19 +278,10 @@ unit_status | grep 'Status: "reconnecting in' >/dev/null || fail "no reconnectin
 ok "activating, STATUS says reconnecting, while the server is down"
 
 start_test_sshd "$work"
-for _ in $(seq 1 150); do
-    [ "$(inside systemctl is-active secoda-agent || true)" = "active" ] && break
-    sleep 0.2
-done
-[ "$(inside systemctl is-active secoda-agent)" = "active" ] || fail "did not become active"
+wait_active
 (exec 3<>"/dev/tcp/127.0.0.1/$listen_port") 2>/dev/null || fail "active but the listen port is not open"
-unit_status | grep "Status: \"connected to 127.0.0.1:$SSH_PORT, listening on 127.0.0.1:$listen_port" >/dev/null \
-    || fail "no connected STATUS: $(unit_status)"
-ok "active once the tunnel is up, STATUS connected"
-
-page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/")
-[ "$page" = "hello from inside the container" ] || fail "curl through the tunnel: $page"
-ok "curl through the tunnel reaches the service inside"
+check_connected
+ok "active once the tunnel is up, STATUS connected, curl through the tunnel reaches the service inside"
 
 inside journalctl -u secoda-agent TUNNEL_HOST=127.0.0.1 LISTEN_PORT="$listen_port" --no-pager -q | grep "tunnel up" >/dev/null \
     || fail "no structured 'tunnel up' entry"
@@ -164,42 +289,29 @@ inside journalctl -u secoda-agent TARGET="localhost:$web_port" -o verbose --no-p
     || fail "no structured channel entry"
 ok "journal has the structured fields"
 
-step "reload"
-echo "this is not toml" > "$root/etc/secoda-agent/agent.toml"
-if inside systemctl reload secoda-agent 2>/dev/null; then fail "reload with a broken config succeeded"; fi
-pid=$(inside systemctl show -p MainPID --value secoda-agent)
-inside /bin/sh -c "kill -HUP $pid"
-sleep 1
-[ "$(inside systemctl is-active secoda-agent)" = "active" ] || fail "not active after a broken reload"
-unit_status | grep 'Status: "config reload failed' >/dev/null || fail "STATUS does not say the reload failed: $(unit_status)"
-page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/")
-[ "$page" = "hello from inside the container" ] || fail "the old config stopped serving"
-write_config
-inside systemctl reload secoda-agent
+step "Debian 12: reload"
+check_reload
 ok "broken config refused by reload; the old config keeps serving"
 
-step "status"
-out=$(inside secoda-agent status) || fail "status exit $? while up: $out"
-echo "$out" | grep "tunnel up" >/dev/null || fail "status: $out"
+step "Debian 12: status"
+check_status_command
 [ "$(inside stat -c '%U:%G %a' /run/secoda-agent/status.sock)" = "secoda-agent:secoda-agent 660" ] \
     || fail "status socket: $(inside stat -c '%U:%G %a' /run/secoda-agent/status.sock)"
 code=0; inside setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/secoda-agent status >/dev/null 2>&1 || code=$?
 [ "$code" = 77 ] || fail "a user outside group secoda-agent got exit $code from status (expected 77)"
 ok "status says up (exit 0); the socket is for root and group secoda-agent only"
 
-step "a second tunnel: secoda-agent@eu"
+step "Debian 12: a second tunnel, secoda-agent@eu"
 write_config eu "$eu_port"
-printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$metrics_port" >> "$root/etc/secoda-agent/eu.toml"
+printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$metrics_port" >> "$ROOT/etc/secoda-agent/eu.toml"
 inside chown root:secoda-agent /etc/secoda-agent/eu.toml
 inside chmod 0640 /etc/secoda-agent/eu.toml
 # Type=notify with TimeoutStartSec=infinity: bound the wait here.
-timeout 60 nsenter -t "$init_pid" -a systemctl start secoda-agent@eu || fail "secoda-agent@eu did not start: $(inside systemctl status secoda-agent@eu --no-pager -l 2>&1)"
+timeout 60 nsenter -t "$init_pid" -a systemctl start secoda-agent@eu || fail "secoda-agent@eu did not start: $(unit_status secoda-agent@eu)"
 [ "$(inside systemctl is-active secoda-agent@eu)" = "active" ] || fail "secoda-agent@eu not active"
 inside secoda-agent status --instance eu | grep "secoda-agent@eu .*tunnel up" >/dev/null || fail "status --instance eu: $(inside secoda-agent status --instance eu)"
-page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$eu_port" "http://localhost:$web_port/")
-[ "$page" = "hello from inside the container" ] || fail "curl through the eu tunnel: $page"
-page=$(curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/")
-[ "$page" = "hello from inside the container" ] || fail "the first tunnel stopped serving: $page"
+fetch_through "$eu_port" "curl through the eu tunnel"
+fetch_through "$listen_port" "the first tunnel stopped serving"
 curl -sS --max-time 5 "http://127.0.0.1:$metrics_port/metrics" | grep "^secoda_agent_tunnel_up 1" >/dev/null \
     || fail "no metrics from secoda-agent@eu"
 inside journalctl -t secoda-agent@eu --no-pager -q | grep "tunnel up" >/dev/null || fail "no journal entries as secoda-agent@eu"
@@ -208,7 +320,7 @@ inside test ! -e /run/secoda-agent-eu || fail "the eu runtime directory outlived
 inside secoda-agent status >/dev/null || fail "stopping the eu instance touched the first tunnel"
 ok "template unit: two tunnels side by side, own status socket, metrics and journal identity"
 
-step "watchdog"
+step "Debian 12: watchdog"
 old_pid=$(inside systemctl show -p MainPID --value secoda-agent)
 inside /bin/sh -c "kill -STOP $old_pid"
 for _ in $(seq 1 100); do
@@ -225,21 +337,130 @@ inside journalctl -u secoda-agent --no-pager -q | grep -i "watchdog timeout" >/d
     || fail "no watchdog timeout in the journal: $(inside journalctl -u secoda-agent --no-pager -q -n 30)"
 ok "SIGSTOP: the watchdog restarted the agent (pid $old_pid -> $new_pid)"
 
-step "upgrade restarts a running agent"
+step "Debian 12: upgrade restarts a running agent"
 before=$(inside systemctl show -p MainPID --value secoda-agent)
 inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/"$(basename "$deb")" >/dev/null
 after=$(inside systemctl show -p MainPID --value secoda-agent)
 [ "$before" != "$after" ] || fail "not restarted on upgrade"
-grep -q "listen_port = $listen_port" "$root/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the operator's config"
+grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the operator's config"
 ok "upgrade restarted the agent and kept the config"
 
-step "purge"
-inside env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q secoda-agent >/dev/null
-for p in /etc/secoda-agent /usr/bin/secoda-agent /lib/systemd/system/secoda-agent.service /lib/systemd/system/secoda-agent@.service /usr/share/doc/secoda-agent; do
-    [ ! -e "$root$p" ] || fail "$p left behind after purge"
-done
-[ "$(inside systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after purge"
+step "Debian 12: purge"
+check_purge
 ok "purge leaves nothing behind"
+stop_container
+
+step "Debian 11 (glibc 2.31, systemd 247): core checks"
+root=$(fresh_root bullseye bullseye amd64 systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates)
+boot "$root"
+listen_port=$(free_port)
+cp "$deb" "$ROOT/root/"
+inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/"$(basename "$deb")" >/dev/null \
+    || fail "apt install on Debian 11"
+[ "$(inside systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install"
+# systemd 247 knows every directive of the unit; an older one only warns about unknown keys
+# (README: "Supported systems"). Anything else here would be a real problem.
+verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service 2>&1 || true)
+other=$(echo "$verify" | grep -v -e '^$' -e 'Unknown key name' -e 'Unknown lvalue' || true)
+[ -z "$other" ] || fail "systemd-analyze verify on Debian 11: $verify"
+ok "installed with apt on Debian 11, not enabled; systemd-analyze verify: ${verify:-clean}"
+start_web
+install_key
+write_config
+timeout 60 nsenter -t "$init_pid" -a systemctl enable --now secoda-agent >/dev/null 2>&1 \
+    || fail "enable --now on Debian 11: $(unit_status)"
+wait_active
+check_connected
+ok "enable --now: active, STATUS connected, curl through the tunnel"
+check_status_command
+ok "status says up"
+check_reload
+ok "broken config refused by reload; the old config keeps serving"
+check_purge
+ok "purge leaves nothing behind"
+stop_container
+
+step "rpm scriptlets in a booted Debian 12 (Debian's rpm, --nodeps)"
+# A newer build to upgrade to: the same payload, release 2.
+mkdir -p "$work/rpm2"
+cargo generate-rpm --target x86_64-unknown-linux-gnu --payload-compress xz --set-metadata 'release = "2"' --output "$work/rpm2/" >/dev/null
+rpm2=$(ls "$work"/rpm2/*.rpm)
+root=$(fresh_root rpmhost bookworm amd64 "$BOOKWORM_PACKAGES")
+boot "$root"
+listen_port=$(free_port)
+cp "$rpm_file" "$rpm2" "$ROOT/root/"
+# RHEL-family systems ship a preset policy that leaves third-party units disabled (Debian's
+# default is to enable): give this host theirs, so %post's `systemctl preset` acts as there.
+mkdir -p "$ROOT/etc/systemd/system-preset"
+echo 'disable *' > "$ROOT/etc/systemd/system-preset/99-default-disable.preset"
+inside rpm -ivh --nodeps --quiet /root/"$(basename "$rpm_file")" || fail "rpm -i"
+inside getent passwd secoda-agent >/dev/null || fail "%pre created no secoda-agent user"
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent: $(inside stat -c '%U:%G %a' /etc/secoda-agent)"
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml: $(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)"
+[ "$(inside systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install: $(inside systemctl is-enabled secoda-agent)"
+[ "$(inside systemctl is-active secoda-agent || true)" = "inactive" ] || fail "started on install"
+ok "rpm -i: user created, permissions, unit disabled and not started"
+start_web
+install_key
+write_config
+timeout 60 nsenter -t "$init_pid" -a systemctl enable --now secoda-agent >/dev/null 2>&1 || fail "enable --now: $(unit_status)"
+wait_active
+check_connected
+before=$(inside systemctl show -p MainPID --value secoda-agent)
+inside rpm -Uvh --nodeps --quiet /root/"$(basename "$rpm2")" || fail "rpm -U"
+[ "$(inside rpm -q --qf '%{RELEASE}' secoda-agent)" = 2 ] || fail "not upgraded: $(inside rpm -q secoda-agent)"
+wait_active
+after=$(inside systemctl show -p MainPID --value secoda-agent)
+[ "$before" != "$after" ] || fail "%postun did not restart the running agent"
+exe=$(inside readlink "/proc/$after/exe")
+[ "$exe" = /usr/bin/secoda-agent ] || fail "the restarted agent runs $exe, not the upgraded binary"
+grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the edited agent.toml"
+[ ! -e "$ROOT/etc/secoda-agent/agent.toml.rpmnew" ] || fail "an unchanged default config left agent.toml.rpmnew"
+check_connected
+ok "rpm -U: edited agent.toml kept, running agent restarted onto the new binary (pid $before -> $after)"
+inside rpm -e secoda-agent || fail "rpm -e"
+[ "$(inside systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after erase"
+[ ! -e "$ROOT/etc/systemd/system/multi-user.target.wants/secoda-agent.service" ] || fail "still enabled after erase"
+[ ! -e "$ROOT/usr/bin/secoda-agent" ] || fail "binary left after erase"
+ok "rpm -e: stopped, disabled, files gone"
+stop_container
+
+step "arm64: dpkg in an arm64 Debian 12 root filesystem, the agent under qemu-user"
+[ -d /proc/sys/fs/binfmt_misc ] && [ -e /proc/sys/fs/binfmt_misc/register ] \
+    || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
+ROOT=$(fresh_root arm64 bookworm arm64 "")
+cp "$deb_arm" "$ROOT/root/"
+chroot "$ROOT" dpkg -i /root/"$(basename "$deb_arm")" >/dev/null || fail "dpkg -i of the arm64 .deb"
+chroot "$ROOT" getent passwd secoda-agent >/dev/null || fail "no secoda-agent user (arm64)"
+[ "$(chroot "$ROOT" dpkg --print-architecture)" = arm64 ] || fail "not an arm64 root"
+ok "arm64 .deb installed with dpkg"
+listen_port=$(free_port)
+install -m 0600 "$AGENT_KEY" "$ROOT/etc/secoda-agent/id_ed25519"
+write_config agent "$listen_port" "$ROOT"
+mount --bind /proc "$ROOT/proc"
+mounted=$ROOT/proc
+chroot "$ROOT" /usr/bin/secoda-agent check-config >/dev/null || fail "check-config (arm64)"
+chroot "$ROOT" /usr/bin/secoda-agent run >"$work/arm64-agent.log" 2>&1 &
+agent_pid=$!
+for _ in $(seq 1 300); do
+    grep "tunnel up" "$work/arm64-agent.log" >/dev/null && break
+    kill -0 "$agent_pid" 2>/dev/null || fail "the arm64 agent exited: $(cat "$work/arm64-agent.log")"
+    sleep 0.1
+done
+grep "tunnel up" "$work/arm64-agent.log" >/dev/null || fail "no tunnel from the arm64 agent: $(cat "$work/arm64-agent.log")"
+mkdir -p "$work/blob"
+head -c $((16 * 1024 * 1024)) /dev/urandom > "$work/blob/blob"
+blob_port=$(free_port)
+python3 -m http.server --bind 127.0.0.1 --directory "$work/blob" "$blob_port" >/dev/null 2>&1 &
+BLOB_PID=$!
+for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$blob_port") 2>/dev/null && break; sleep 0.1; done
+curl -sS --max-time 60 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$blob_port/blob" -o "$work/blob.out" \
+    || fail "curl through the arm64 agent: $(tail -5 "$work/arm64-agent.log")"
+cmp "$work/blob/blob" "$work/blob.out" || fail "the transfer through the arm64 agent is not byte-exact"
+ok "aarch64 agent: tunnel up, SOCKS5 by name, 16 MiB byte-exact"
+kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+agent_pid=""
 
 echo
 echo "packages: $passed passed, 0 failed"
