@@ -3,7 +3,7 @@
 //! it is about to connect to (a name cannot smuggle a denied address).
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One `allow`/`deny` entry: a network or a host name pattern, optionally limited to ports.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +34,8 @@ pub struct Policy {
 pub enum Denial {
     DeniedBy(String),
     NotAllowed,
-    LinkLocal,
+    /// Link-local or a cloud metadata address (see [`is_protected`]).
+    Protected,
 }
 
 impl fmt::Display for Denial {
@@ -42,9 +43,9 @@ impl fmt::Display for Denial {
         match self {
             Denial::DeniedBy(rule) => write!(f, "denied by [forward] deny entry \"{rule}\""),
             Denial::NotAllowed => write!(f, "not in [forward] allow"),
-            Denial::LinkLocal => write!(
+            Denial::Protected => write!(
                 f,
-                "link-local addresses (cloud metadata services) are denied unless [forward] allow names them"
+                "link-local and cloud metadata addresses are denied unless a [forward] allow entry names the address or its network"
             ),
         }
     }
@@ -91,17 +92,28 @@ impl Policy {
     /// Decide for a connection to `ip:port`, asked for as `name` (None when the request
     /// carried an address).
     pub fn check(&self, name: Option<&str>, ip: IpAddr, port: u16) -> Result<(), Denial> {
-        let ip = ip.to_canonical();
+        // 0.0.0.0 and :: connect to this host: judge them as the loopback address they reach.
+        let ip = match ip.to_canonical() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            other => other,
+        };
         let name = name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
         let hit = |r: &&Rule| r.matches(name.as_deref(), ip, port);
         if let Some(rule) = self.deny.iter().find(hit) {
             return Err(Denial::DeniedBy(rule.text.clone()));
         }
-        let allowed = self.allow.iter().any(|r| hit(&r));
-        if is_link_local(ip) && !allowed {
-            return Err(Denial::LinkLocal);
+        // A name may resolve anywhere, so only an address or network in `allow` opens a
+        // protected address.
+        if is_protected(ip)
+            && !self
+                .allow
+                .iter()
+                .any(|r| matches!(r.target, Target::Net { .. }) && hit(&r))
+        {
+            return Err(Denial::Protected);
         }
-        if self.allow.is_empty() || allowed {
+        if self.allow.is_empty() || self.allow.iter().any(|r| hit(&r)) {
             Ok(())
         } else {
             Err(Denial::NotAllowed)
@@ -126,14 +138,30 @@ impl fmt::Display for Policy {
         if !self.deny.is_empty() {
             write!(f, "; deny {}", list(&self.deny))?;
         }
-        write!(f, "; link-local denied unless allowed")
+        write!(
+            f,
+            "; link-local and cloud metadata addresses denied unless allowed by address"
+        )
     }
 }
 
-fn is_link_local(ip: IpAddr) -> bool {
+/// Where a cloud VM's instance metadata (and the credentials it hands out) can be reached:
+/// denied unless an `allow` entry names the address or its network.
+fn is_protected(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        // 169.254.0.0/16: AWS, GCP, Azure, OpenStack and most others' metadata service.
+        IpAddr::V4(v4) => {
+            v4.is_link_local()
+                // Alibaba Cloud's metadata service.
+                || v4 == Ipv4Addr::new(100, 100, 100, 200)
+                // Azure's WireServer (VM agent and extension configuration).
+                || v4 == Ipv4Addr::new(168, 63, 129, 16)
+        }
+        IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                // AWS's metadata service over IPv6 (Nitro instances).
+                || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
     }
 }
 
@@ -175,9 +203,21 @@ impl Rule {
                 .ok()
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("\"/{len}\" is not a prefix length (0 to {max})"))?;
-            Target::Net {
-                addr: addr.to_canonical(),
-                prefix,
+            // Addresses are compared as IPv4 once mapped (::ffff:a.b.c.d), so a mapped network
+            // becomes the IPv4 network it covers; a prefix shorter than the mapped block
+            // would cover other IPv6 addresses too.
+            match addr {
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                    let v4 = v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                    let prefix = prefix.checked_sub(96).ok_or_else(|| {
+                        format!("an IPv4-mapped network needs a prefix of /96 or longer (::ffff:{v4}/96 is {v4}/0); write the IPv4 network instead")
+                    })?;
+                    Target::Net {
+                        addr: IpAddr::V4(v4),
+                        prefix,
+                    }
+                }
+                _ => Target::Net { addr, prefix },
             }
         } else if let Ok(addr) = host.parse::<IpAddr>() {
             let addr = addr.to_canonical();
@@ -240,11 +280,16 @@ fn parse_ports(p: &str) -> Result<(u16, u16), String> {
 fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            // `Rule::parse` keeps prefixes within the family; min() keeps this total anyway.
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -270,15 +315,15 @@ mod tests {
         assert_eq!(pol.check(None, ip("10.1.2.3"), 5432), Ok(()));
         assert_eq!(
             pol.check(None, ip("169.254.169.254"), 80),
-            Err(Denial::LinkLocal)
+            Err(Denial::Protected)
         );
         assert_eq!(
             pol.check(Some("x"), ip("fe80::1"), 80),
-            Err(Denial::LinkLocal)
+            Err(Denial::Protected)
         );
         assert_eq!(
             pol.check(None, ip("::ffff:169.254.1.1"), 80),
-            Err(Denial::LinkLocal)
+            Err(Denial::Protected)
         );
     }
 
@@ -330,5 +375,65 @@ mod tests {
         let errs =
             Policy::parse(&s(&["10.0.0.0/33", "db:0", "bad host"]), &s(&["[::1"])).unwrap_err();
         assert_eq!(errs.len(), 4, "{errs:?}");
+    }
+
+    #[test]
+    fn a_mapped_network_is_the_ipv4_network_it_covers() {
+        let pol = p(&["::ffff:10.0.0.0/104"], &[]);
+        assert_eq!(pol.check(None, ip("10.200.0.1"), 5432), Ok(()));
+        assert_eq!(pol.check(None, ip("::ffff:10.1.1.1"), 5432), Ok(()));
+        assert_eq!(
+            pol.check(None, ip("192.0.2.1"), 80),
+            Err(Denial::NotAllowed)
+        );
+        assert_eq!(
+            pol.check(None, ip("169.254.169.254"), 80),
+            Err(Denial::Protected)
+        );
+        let denied = p(&[], &["::ffff:192.0.2.0/120"]);
+        assert!(denied.check(None, ip("192.0.2.7"), 80).is_err());
+        assert_eq!(denied.check(None, ip("192.0.3.7"), 80), Ok(()));
+        let s = |l: &[&str]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let errs = Policy::parse(&s(&["::ffff:0.0.0.0/64"]), &[]).unwrap_err();
+        assert!(errs[0].1.contains("/96 or longer"), "{errs:?}");
+    }
+
+    #[test]
+    fn cloud_metadata_addresses_are_denied_unless_allowed_by_address() {
+        let pol = Policy::default();
+        for addr in ["fd00:ec2::254", "100.100.100.200", "168.63.129.16"] {
+            assert_eq!(
+                pol.check(None, ip(addr), 80),
+                Err(Denial::Protected),
+                "{addr}"
+            );
+        }
+        // A name in `allow` does not open a protected address it resolves to.
+        let by_name = p(&["metadata.internal"], &[]);
+        assert_eq!(
+            by_name.check(Some("metadata.internal"), ip("169.254.169.254"), 80),
+            Err(Denial::Protected)
+        );
+        assert_eq!(
+            by_name.check(Some("metadata.internal"), ip("10.0.0.1"), 80),
+            Ok(())
+        );
+        let by_address = p(&["168.63.129.16", "fd00:ec2::/32"], &[]);
+        assert_eq!(by_address.check(None, ip("168.63.129.16"), 80), Ok(()));
+        assert_eq!(by_address.check(None, ip("fd00:ec2::254"), 80), Ok(()));
+    }
+
+    #[test]
+    fn the_unspecified_address_is_judged_as_loopback() {
+        let pol = p(&[], &["127.0.0.0/8", "::1"]);
+        assert!(matches!(
+            pol.check(None, ip("0.0.0.0"), 22),
+            Err(Denial::DeniedBy(_))
+        ));
+        assert!(matches!(
+            pol.check(None, ip("::"), 22),
+            Err(Denial::DeniedBy(_))
+        ));
+        assert_eq!(pol.check(None, ip("10.0.0.1"), 22), Ok(()));
     }
 }
