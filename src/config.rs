@@ -245,7 +245,6 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
 
     let mut raw = RawFile::default();
     let toml_name = toml_path.display().to_string();
-    let mut toml_text = None;
     match read_small_file(&toml_path, toml_required) {
         Ok(Some(text)) => {
             origin.push(toml_name.clone());
@@ -253,7 +252,6 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
                 Ok(r) => raw = r,
                 Err(e) => errors.push(format!("{toml_name}: {}", one_line_toml_error(&e))),
             }
-            toml_text = Some(text);
         }
         Ok(None) => {}
         Err(e) => errors.push(format!("{toml_name}: {e}")),
@@ -275,14 +273,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
     if !sources.env.is_empty() {
         origin.push("the process environment".to_string());
     }
-    for (k, _) in env_file.iter() {
-        if !ENV_KEYS.contains(&k.as_str()) {
-            warnings.push(format!(
-                "{env_name}: {k} is not a setting the agent reads (known: {})",
-                ENV_KEYS.join(", ")
-            ));
-        }
-    }
+    warnings.extend(unknown_env_names(&env_name, &env_file));
 
     // Resolve each setting: process env > env file > toml > default.
     let env_val = |names: &[&str]| -> Option<Val<String>> {
@@ -362,24 +353,22 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         .clone()
         .unwrap_or_else(|| DEFAULT_LISTEN_ADDRESS.to_string());
 
-    // Key: env SSH_KEY_BASE64 overrides both file settings.
+    // Key: env SSH_KEY_BASE64 overrides both file settings. A file that holds the key is
+    // refused when every user may read it, as a key file is (copying an example with cp
+    // leaves it 0644).
     let key = match env_val(&["SSH_KEY_BASE64"]) {
+        Some(v) if !sources.env.contains_key("SSH_KEY_BASE64") => {
+            private_to_group(&env_path, &env_name, "SSH_KEY_BASE64")
+                .and_then(|()| load_key_base64(&v.value, &v.at))
+        }
         Some(v) => load_key_base64(&v.value, &v.at),
         None => match (&t.key_file, &t.key_base64) {
             (Some(_), Some(_)) => Err(format!(
                 "{toml_name}: [tunnel] key_file and key_base64 are both set: keep exactly one"
             )),
             (Some(path), None) => load_key_file(path, &toml_at("tunnel", "key_file")),
-            (None, Some(b64)) => {
-                if let Some(text) = &toml_text {
-                    if world_readable(&toml_path) && !text.is_empty() {
-                        warnings.push(format!(
-                            "{toml_name} holds key_base64 and is readable by every user: chmod 0640 it (owner root, group secoda-agent)"
-                        ));
-                    }
-                }
-                load_key_base64(b64, &toml_at("tunnel", "key_base64"))
-            }
+            (None, Some(b64)) => private_to_group(&toml_path, &toml_name, "key_base64")
+                .and_then(|()| load_key_base64(b64, &toml_at("tunnel", "key_base64"))),
             (None, None) => Err(format!(
                 "no private key configured: set [tunnel] key_file or key_base64 in {toml_name}, or SSH_KEY_BASE64 in {env_name}"
             )),
@@ -657,10 +646,48 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
-fn world_readable(path: &Path) -> bool {
-    fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o004 != 0)
-        .unwrap_or(false)
+/// Warnings for names in the env file that the agent does not read. A name is shown only when
+/// it looks like a variable name: a line of a pasted key can parse as `NAME=` too, and must
+/// not reach the journal.
+fn unknown_env_names(env_name: &str, env_file: &BTreeMap<String, String>) -> Vec<String> {
+    let (named, unnamed): (Vec<&String>, Vec<&String>) = env_file
+        .keys()
+        .filter(|k| !ENV_KEYS.contains(&k.as_str()))
+        .partition(|k| {
+            k.len() <= 64
+                && k.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        });
+    let mut warnings: Vec<String> = named
+        .iter()
+        .map(|k| {
+            format!(
+                "{env_name}: {k} is not a setting the agent reads (known: {})",
+                ENV_KEYS.join(", ")
+            )
+        })
+        .collect();
+    if !unnamed.is_empty() {
+        warnings.push(format!(
+            "{env_name}: {} lines set something that is not an upper-case variable name, which the agent ignores (not shown: it may be pasted key text; a key goes on one line as SSH_KEY_BASE64=...)",
+            unnamed.len()
+        ));
+    }
+    warnings
+}
+
+/// A configuration file that holds the private key may be read by its group (the agent's),
+/// never by every user.
+fn private_to_group(path: &Path, name: &str, holds: &str) -> Result<(), String> {
+    let mode = fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    if mode & 0o004 == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "{name} holds {holds} and is readable by every user (permissions {mode:04o}): chmod 0640 \"{name}\" (owner root, group secoda-agent), as for a key file"
+    ))
 }
 
 /// TOML errors span several lines (with a source excerpt); keep the position and the message.
@@ -694,7 +721,11 @@ pub fn parse_env_file(text: &str) -> Result<BTreeMap<String, String>, String> {
         };
         let k = k.trim();
         if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("line {}: \"{k}\" is not a variable name", i + 1));
+            // Not echoed: a line of a pasted key (base64 ends in '=') lands here.
+            return Err(format!(
+                "line {}: the text before '=' is not a variable name (letters, digits and _ only)",
+                i + 1
+            ));
         }
         let v = v.trim();
         let v = if v.len() >= 2
@@ -897,6 +928,14 @@ fn parse_host_keys(lines: &[String], at: &str, errors: &mut Vec<String>) -> Vec<
     for line in lines {
         let line = line.trim();
         let fields: Vec<&str> = line.split_whitespace().collect();
+        // known_hosts markers: a revoked key must never become the pin, and a CA key is not
+        // the server's own key (certificates are pinned by their own key).
+        if let Some(marker) = fields.first().filter(|f| f.starts_with('@')) {
+            errors.push(format!(
+                "{at}: \"{line}\" starts with {marker}: a pin is the server's own key; remove the line (a @revoked key is never trusted)"
+            ));
+            continue;
+        }
         let start = fields
             .iter()
             .position(|f| f.starts_with("ssh-") || f.starts_with("ecdsa-") || f.starts_with("sk-"));
@@ -968,5 +1007,34 @@ mod tests {
         assert_eq!(keys.len(), 2);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("notbase64"));
+    }
+
+    #[test]
+    fn revoked_and_ca_lines_are_never_pins() {
+        for marker in ["@revoked", "@cert-authority"] {
+            let mut errors = Vec::new();
+            let keys = parse_host_keys(
+                &[format!("{marker} * {SECODA_HOST_KEY}")],
+                "test",
+                &mut errors,
+            );
+            assert!(keys.is_empty(), "{marker} became a pin");
+            assert!(errors[0].contains(marker), "{errors:?}");
+        }
+    }
+
+    /// Lines of a key pasted into agent.env: neither an error nor a warning may echo them.
+    #[test]
+    fn an_env_file_never_echoes_pasted_key_text() {
+        let err = parse_env_file("SSH_HOST=a\nb3BlbnNzaC1+rZXktdjEAAAAABG5v=\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains("b3BlbnNzaC1"), "{err}");
+
+        let vars =
+            parse_env_file("SSH_HOST=a\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU=\nSSH_TYPO=1\n").unwrap();
+        let text = unknown_env_names("agent.env", &vars).join("\n");
+        assert!(text.contains("SSH_TYPO is not a setting"), "{text}");
+        assert!(text.contains("1 lines set something"), "{text}");
+        assert!(!text.contains("b3BlbnNzaC1"), "{text}");
     }
 }

@@ -292,26 +292,51 @@ fn the_shipped_example_configs_are_valid() {
 }
 
 #[test]
-fn a_world_readable_config_holding_key_base64_gets_a_warning() {
+fn a_config_file_holding_the_key_is_refused_when_every_user_may_read_it() {
     let f = fixture();
     let b64 = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read_to_string(&f.key).unwrap().as_bytes());
     let toml = format!(
         "[tunnel]\nhost = \"tunnel.example.com\"\nlisten_port = 10123\nkey_base64 = \"{b64}\"\n"
     );
-    let path = f.write("agent.toml", &toml);
-    let quiet = text(&check(&[], Some(&path)));
-    assert!(!quiet.contains("readable by every user"), "{quiet}");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = check(&[], Some(&path));
-    let t = text(&out);
-    assert_eq!(out.status.code(), Some(0), "a warning, not an error: {t}");
-    assert!(
-        t.contains("warning:") && t.contains("holds key_base64 and is readable by every user"),
-        "{t}"
-    );
-    assert!(t.contains("chmod 0640"), "{t}");
-    for s in f.key_secret() {
-        assert!(!t.contains(&s), "secret material in check-config output");
+    let env = format!("SSH_HOST=tunnel.example.com\nSSH_LISTEN_PORT=10123\nSSH_KEY_BASE64={b64}\n");
+    for (name, contents, holds) in [
+        ("agent.toml", &toml, "holds key_base64"),
+        ("agent.env", &env, "holds SSH_KEY_BASE64"),
+    ] {
+        let path = f.write(name, contents);
+        let null = std::path::PathBuf::from("/dev/null");
+        let (config, env_file) = if name.ends_with(".toml") {
+            (&path, &null)
+        } else {
+            (&null, &path)
+        };
+        let run = || {
+            let mut cmd = Command::new(agent_bin());
+            for k in secoda_agent::config::ENV_KEYS {
+                cmd.env_remove(k);
+            }
+            cmd.arg("check-config")
+                .arg("--config")
+                .arg(config)
+                .arg("--env-file")
+                .arg(env_file)
+                .output()
+                .unwrap()
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let out = run();
+        assert_eq!(out.status.code(), Some(0), "0640 is right: {}", text(&out));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = run();
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(78), "{name} 0644 accepted: {t}");
+        assert!(
+            t.contains(holds) && t.contains("readable by every user") && t.contains("chmod 0640"),
+            "{t}"
+        );
+        for s in f.key_secret() {
+            assert!(!t.contains(&s), "secret material in check-config output");
+        }
     }
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -139,6 +141,8 @@ async fn docker_style_env_file_alone_is_a_complete_config() {
         ),
     )
     .unwrap();
+    // It holds the key: readable by the agent's group at most, as the packages make it.
+    std::fs::set_permissions(&env_file, std::fs::Permissions::from_mode(0o640)).unwrap();
     // The process environment overrides the file (SSH_LISTEN_PORT=1 would fail).
     let listen_s = listen.to_string();
     let agent = Agent::start_with(
