@@ -207,6 +207,17 @@ wait_active() {
     done
     fail "${1:-secoda-agent} did not become active: $(unit_status "${1:-secoda-agent}")"
 }
+# wait_restarted OLD_PID: the unit runs a new main process (restarts are queued with
+# --no-block by the package scripts, so they happen after the package tool returns).
+wait_restarted() {
+    local pid=""
+    for _ in $(seq 1 150); do
+        pid=$(inside systemctl show -p MainPID --value secoda-agent)
+        [ "$pid" != "$1" ] && [ "$pid" != 0 ] && [ "$(inside systemctl is-active secoda-agent || true)" = active ] && return 0
+        sleep 0.2
+    done
+    fail "not restarted (main pid still $pid): $(unit_status)"
+}
 check_connected() {
     unit_status | grep "Status: \"connected to 127.0.0.1:$SSH_PORT, listening on 127.0.0.1:$listen_port" >/dev/null \
         || fail "no connected STATUS: $(unit_status)"
@@ -266,9 +277,10 @@ start_web
 install_key
 write_config
 kill "$SSHD_PID"; wait "$SSHD_PID" 2>/dev/null || true
-# A short watchdog for the SIGSTOP check below.
+# A short watchdog for the SIGSTOP check below, and a short RestartSec for the restart-loop
+# check (the shipped unit says 5s).
 mkdir -p "$ROOT/etc/systemd/system/secoda-agent.service.d"
-printf '[Service]\nWatchdogSec=4s\n' > "$ROOT/etc/systemd/system/secoda-agent.service.d/test.conf"
+printf '[Service]\nWatchdogSec=4s\nRestartSec=1s\n' > "$ROOT/etc/systemd/system/secoda-agent.service.d/test.conf"
 inside systemctl daemon-reload
 inside systemctl enable secoda-agent >/dev/null 2>&1
 inside systemctl start --no-block secoda-agent
@@ -277,8 +289,28 @@ sleep 3
 unit_status | grep 'Status: "reconnecting in' >/dev/null || fail "no reconnecting STATUS: $(unit_status)"
 ok "activating, STATUS says reconnecting, while the server is down"
 
+# Nothing waits on the network for long: the start job finishes within READY_WAIT_MAX (30 s),
+# the same process keeps retrying, and a package upgrade returns at once.
+first_pid=$(inside systemctl show -p MainPID --value secoda-agent)
+for _ in $(seq 1 200); do
+    [ "$(inside systemctl is-active secoda-agent || true)" = active ] && break
+    sleep 0.2
+done
+[ "$(inside systemctl is-active secoda-agent || true)" = active ] || fail "the start job still waits on the network after 40 s: $(unit_status)"
+unit_status | grep 'Status: "reconnecting in' >/dev/null || fail "active while down, but STATUS does not say so: $(unit_status)"
+code=0; inside secoda-agent status >/dev/null 2>&1 || code=$?
+[ "$code" = 3 ] || fail "status exit $code while the tunnel is down (expected 3)"
+[ "$(inside systemctl show -p MainPID --value secoda-agent)" = "$first_pid" ] && [ "$(inside systemctl show -p NRestarts --value secoda-agent)" = 0 ] \
+    || fail "the agent was restarted while the server was down: $(unit_status)"
+started=$(date +%s)
+timeout 60 nsenter -t "$init_pid" -a env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/"$(basename "$deb")" >/dev/null \
+    || fail "apt-get install --reinstall did not finish within 60 s while the server is down"
+took=$(( $(date +%s) - started ))
+[ "$took" -le 20 ] || fail "apt-get install --reinstall took ${took}s while the server is down"
+ok "server down: start finishes (active, STATUS reconnecting, status exit 3, no restart loop); an upgrade returns in ${took}s"
+
 start_test_sshd "$work"
-wait_active
+wait_restarted "$first_pid"
 (exec 3<>"/dev/tcp/127.0.0.1/$listen_port") 2>/dev/null || fail "active but the listen port is not open"
 check_connected
 ok "active once the tunnel is up, STATUS connected, curl through the tunnel reaches the service inside"
@@ -292,6 +324,21 @@ ok "journal has the structured fields"
 step "Debian 12: reload"
 check_reload
 ok "broken config refused by reload; the old config keeps serving"
+
+step "Debian 12: a broken config at start fails once, no restart loop"
+cp "$ROOT/etc/secoda-agent/agent.toml" "$work/agent.toml.good"
+echo "listen_port = [" > "$ROOT/etc/secoda-agent/agent.toml"
+if inside systemctl restart secoda-agent 2>/dev/null; then fail "restart with a broken config succeeded"; fi
+sleep 4
+[ "$(inside systemctl is-active secoda-agent || true)" = failed ] || fail "not failed: $(unit_status)"
+[ "$(inside systemctl show -p NRestarts --value secoda-agent)" = 0 ] || fail "restarted $(inside systemctl show -p NRestarts --value secoda-agent) times with a broken config (RestartSec=1s here)"
+unit_status | grep "agent.toml: .*line 1" >/dev/null || fail "systemctl status does not show the config error: $(unit_status)"
+cp "$work/agent.toml.good" "$ROOT/etc/secoda-agent/agent.toml"
+inside systemctl reset-failed secoda-agent
+timeout 60 nsenter -t "$init_pid" -a systemctl start secoda-agent || fail "start after fixing the config: $(unit_status)"
+wait_active
+check_connected
+ok "broken config: one failure (exit 78), unit failed, the error in systemctl status, no restart"
 
 step "Debian 12: status"
 check_status_command
@@ -340,9 +387,9 @@ ok "SIGSTOP: the watchdog restarted the agent (pid $old_pid -> $new_pid)"
 step "Debian 12: upgrade restarts a running agent"
 before=$(inside systemctl show -p MainPID --value secoda-agent)
 inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/"$(basename "$deb")" >/dev/null
-after=$(inside systemctl show -p MainPID --value secoda-agent)
-[ "$before" != "$after" ] || fail "not restarted on upgrade"
+wait_restarted "$before"
 grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the operator's config"
+check_connected
 ok "upgrade restarted the agent and kept the config"
 
 step "Debian 12: purge"
@@ -409,9 +456,8 @@ check_connected
 before=$(inside systemctl show -p MainPID --value secoda-agent)
 inside rpm -Uvh --nodeps --quiet /root/"$(basename "$rpm2")" || fail "rpm -U"
 [ "$(inside rpm -q --qf '%{RELEASE}' secoda-agent)" = 2 ] || fail "not upgraded: $(inside rpm -q secoda-agent)"
-wait_active
+wait_restarted "$before"
 after=$(inside systemctl show -p MainPID --value secoda-agent)
-[ "$before" != "$after" ] || fail "%postun did not restart the running agent"
 exe=$(inside readlink "/proc/$after/exe")
 [ "$exe" = /usr/bin/secoda-agent ] || fail "the restarted agent runs $exe, not the upgraded binary"
 grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the edited agent.toml"

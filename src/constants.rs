@@ -35,7 +35,15 @@ pub const DEFAULT_MAX_PENDING: u64 = 8 * 1024 * 1024;
 /// How long open channels may drain on stop or when a session is retired.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// TCP connect to the SSH server.
+/// At start, READY=1 waits for the tunnel at most this long: `systemctl start` (and so a
+/// package upgrade's restart, or `enable --now`) returns once the tunnel is up, or after this
+/// with the unit active and STATUS saying why it is not up yet; the agent keeps retrying.
+/// Well inside the unit's `TimeoutStartSec=`.
+pub const READY_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Happy Eyeballs (RFC 8305): the next address is tried this long after the previous attempt
+/// started, if that has not connected (the RFC recommends 250 ms).
+pub const CONNECT_STAGGER: Duration = Duration::from_millis(250);
+/// TCP connect to the SSH server (all of its addresses).
 pub const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// From TCP connect to an authenticated session with the forward in place. A server that
 /// accepts TCP and then says nothing (Secoda's "stuck on the version number") ends here.
@@ -125,3 +133,9 @@ pub const DOCTOR_STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A config file larger than this is refused before it is parsed.
 pub const MAX_CONFIG_FILE_SIZE: u64 = 1024 * 1024;
+/// The status socket and the metrics endpoint serve at most this many connections at once;
+/// further ones wait in the kernel's accept queue.
+pub const LOCAL_MAX_CONNECTIONS: usize = 16;
+/// After a failed accept (out of descriptors: EMFILE, ENFILE), wait this long before the next,
+/// instead of retrying at once on the agent's single worker thread.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
 use crate::config::{self, Config, Sources};
-use crate::constants::{BACKOFF_RESET_AFTER, REPEAT_LOG_LIMIT};
+use crate::constants::{BACKOFF_RESET_AFTER, READY_WAIT_MAX, REPEAT_LOG_LIMIT};
 use crate::error::TunnelError;
 use crate::forward::Forwarder;
 use crate::telemetry::Telemetry;
@@ -49,6 +49,9 @@ struct Supervisor {
     last_status: String,
     /// Set while the last reload failed: STATUS keeps saying so until a reload succeeds.
     reload_error: Option<String>,
+    /// READY=1 has been sent: at the first tunnel up, or at `ready_by` (see READY_WAIT_MAX).
+    ready: bool,
+    ready_by: tokio::time::Instant,
 }
 
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
@@ -63,6 +66,8 @@ pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Co
         session: None,
         last_status: String::new(),
         reload_error: None,
+        ready: false,
+        ready_by: tokio::time::Instant::now() + READY_WAIT_MAX,
     };
     sup.main_loop().await;
 }
@@ -88,10 +93,15 @@ impl Supervisor {
             self.set_status(format!("connecting to {}:{}", t.host, t.port));
             self.opts.telemetry.connecting();
         }
-        let attempt = tunnel::establish(&self.cfg.tunnel, self.fwd.clone());
-        let result = tokio::select! {
-            r = attempt => r,
-            c = self.control.recv() => return self.on_control(c).await,
+        let tunnel_cfg = self.cfg.tunnel.clone();
+        let attempt = tunnel::establish(&tunnel_cfg, self.fwd.clone());
+        tokio::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                r = &mut attempt => break r,
+                _ = tokio::time::sleep_until(self.ready_by), if !self.ready => self.ready_while_down(),
+                c = self.control.recv() => return self.on_control(c).await,
+            }
         };
         match result {
             Ok(session) => {
@@ -105,6 +115,7 @@ impl Supervisor {
                 let status = self.connected_status();
                 self.last_status = status.clone();
                 systemd::ready(&status);
+                self.ready = true;
                 Flow::Continue
             }
             Err(e) => {
@@ -164,10 +175,26 @@ impl Supervisor {
 
     /// Sleep before the next attempt, still answering signals.
     async fn pause(&mut self, delay: Duration) -> Flow {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => Flow::Continue,
-            c = self.control.recv() => self.on_control(c).await,
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Flow::Continue,
+                _ = tokio::time::sleep_until(self.ready_by), if !self.ready => self.ready_while_down(),
+                c = self.control.recv() => return self.on_control(c).await,
+            }
         }
+    }
+
+    /// The tunnel is not up `READY_WAIT_MAX` after start: tell systemd the service is up
+    /// anyway, so that `systemctl start` and package scripts never wait on the network. STATUS
+    /// and `secoda-agent status` keep saying that the tunnel is down, and why.
+    fn ready_while_down(&mut self) {
+        self.ready = true;
+        log::warn!(
+            "no tunnel after {}s; the service counts as started and keeps retrying (see `secoda-agent status`)",
+            READY_WAIT_MAX.as_secs()
+        );
+        systemd::ready(&self.last_status);
     }
 
     async fn on_control(&mut self, c: Option<Control>) -> Flow {
@@ -184,6 +211,8 @@ impl Supervisor {
     }
 
     async fn reload(&mut self) {
+        // Every way out of a reload sends READY=1.
+        self.ready = true;
         systemd::reloading();
         log::info!("reloading configuration");
         let new = match config::load(&self.opts.sources) {
@@ -237,7 +266,12 @@ impl Supervisor {
                 });
             }
             self.backoff.reset();
-            // READY=1 follows once the new session is up (see `connect`).
+            // The reload is done once the new settings are in force: READY=1 now, so that
+            // `systemctl reload` never waits on the network. STATUS follows the new session.
+            let t = &self.cfg.tunnel;
+            let status = format!("connecting to {}:{}", t.host, t.port);
+            self.last_status = status.clone();
+            systemd::ready(&status);
         } else {
             log::info!("configuration reloaded; forward settings apply to new channels, open channels are untouched");
             let status = match &self.session {
@@ -267,7 +301,7 @@ impl Supervisor {
                     log::info!("stopped cleanly");
                 }
             }
-            _ = self.control.recv() => log::warn!("second stop signal: exiting at once"),
+            _ = second_stop(&mut self.control) => log::warn!("second stop signal: exiting at once"),
         }
     }
 
@@ -287,6 +321,14 @@ impl Supervisor {
             systemd::status(&status);
             self.last_status = status;
         }
+    }
+}
+
+/// While stopping, only a second SIGTERM/SIGINT (or the end of the signal stream) cuts the
+/// drain short; a reload is pointless then and is ignored.
+async fn second_stop(control: &mut mpsc::UnboundedReceiver<Control>) {
+    while let Some(Control::Reload) = control.recv().await {
+        log::info!("reload ignored: stopping");
     }
 }
 

@@ -83,6 +83,62 @@ async fn ready_comes_only_once_the_forward_is_up_and_status_follows_the_state() 
     drop(open);
 }
 
+/// `systemctl start`, a package upgrade's restart and `systemctl reload` must never wait on
+/// the network: READY=1 comes at the latest 30 s after start (READY_WAIT_MAX), and at once
+/// after a reload, with STATUS saying the tunnel is not up; the agent keeps retrying.
+#[tokio::test]
+async fn ready_never_waits_on_a_server_that_stays_down() {
+    let mut sshd = Sshd::start();
+    sshd.kill();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
+    let ready = agent
+        .wait_notify(0, Duration::from_secs(45), |m| {
+            m.lines().any(|l| l == "READY=1")
+        })
+        .await
+        .expect("no READY=1 while the server stays down");
+    assert!(ready.contains("STATUS=reconnecting in"), "{ready}");
+    assert!(
+        agent.output().contains("no tunnel after 30s"),
+        "{}",
+        agent.output()
+    );
+
+    sshd.restart();
+    let connected = format!("STATUS=connected to 127.0.0.1:{}", sshd.port);
+    assert!(
+        agent
+            .wait_notify(0, Duration::from_secs(90), |m| m.contains(&connected))
+            .await
+            .is_some(),
+        "the agent stopped retrying: {}",
+        agent.output()
+    );
+    assert_serves(listen).await;
+
+    // A reload onto a server that does not answer is done at once, too.
+    let closed = free_port();
+    let toml = sshd.agent_toml(listen, "").replace(
+        &format!("\nport = {}\n", sshd.port),
+        &format!("\nport = {closed}\n"),
+    );
+    assert!(toml.contains(&format!("\nport = {closed}\n")), "{toml}");
+    std::fs::write(agent.config_path(), toml).unwrap();
+    let seen = agent.notifications().len();
+    agent.signal(libc::SIGHUP);
+    let ready = agent
+        .wait_notify(seen, Duration::from_secs(5), |m| {
+            m.lines().any(|l| l == "READY=1")
+        })
+        .await
+        .expect("a reload onto an unreachable server did not finish");
+    assert!(
+        ready.contains(&format!("STATUS=connecting to 127.0.0.1:{closed}")),
+        "{ready}"
+    );
+}
+
 #[tokio::test]
 async fn the_watchdog_is_pinged_at_half_its_interval() {
     let sshd = Sshd::start();
@@ -176,7 +232,20 @@ async fn new_tunnel_settings_bring_up_a_new_session_and_drain_the_old() {
     std::fs::write(agent.config_path(), sshd.agent_toml(new_port, "")).unwrap();
     let seen = agent.notifications().len();
     agent.signal(libc::SIGHUP);
+    // The reload is done at once (READY=1); the new session follows.
     agent.wait_ready_from(seen).await;
+    let connected = format!(
+        "STATUS=connected to 127.0.0.1:{}, listening on 127.0.0.1:{new_port}",
+        sshd.port
+    );
+    assert!(
+        agent
+            .wait_notify(seen, Duration::from_secs(20), |m| m.contains(&connected))
+            .await
+            .is_some(),
+        "{:?}",
+        agent.notifications()
+    );
     let (code, s) = socks5(new_port, "127.0.0.1", echo.port()).await;
     assert_eq!(code, 0, "the new listen port does not serve");
     assert!(echo_roundtrip(s.unwrap(), b"new session").await);
@@ -252,6 +321,53 @@ async fn a_second_signal_exits_at_once() {
     drop(idle);
 }
 
+#[tokio::test]
+async fn sighup_while_stopping_leaves_the_drain_running() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let mut agent =
+        Agent::start(&sshd.agent_toml(listen, "[forward]\nshutdown_timeout = \"60s\"\n"));
+    agent.wait_ready().await;
+    let echo = echo_server().await;
+    let (code, held) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
+    agent.signal(libc::SIGTERM);
+    assert!(
+        agent
+            .wait_output(
+                "waiting up to 60s for 1 open channels",
+                Duration::from_secs(5)
+            )
+            .await,
+        "{}",
+        agent.output()
+    );
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent
+            .wait_output("reload ignored: stopping", Duration::from_secs(5))
+            .await,
+        "{}",
+        agent.output()
+    );
+    // Still draining: the open channel carries its data to the end, then the agent stops.
+    assert!(
+        echo_roundtrip(held.unwrap(), &payload(100_000, 3)).await,
+        "the drain was cut: {}",
+        agent.output()
+    );
+    let status = agent
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("agent did not exit after the drain");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        !agent.output().contains("second stop signal"),
+        "{}",
+        agent.output()
+    );
+}
+
 /// Parse journald's native protocol: `KEY=value\n`, or `KEY\n<u64 LE length><value>\n`.
 fn parse_journal_entry(mut data: &[u8]) -> Vec<(String, String)> {
     let mut fields = Vec::new();
@@ -280,13 +396,13 @@ fn parse_journal_entry(mut data: &[u8]) -> Vec<(String, String)> {
 #[tokio::test]
 async fn journald_entries_carry_structured_fields() {
     use std::os::unix::fs::MetadataExt;
-    let socket_path = std::path::Path::new("/run/systemd/journal/socket");
-    if socket_path.exists() {
-        eprintln!("skipped: a real journald owns {}", socket_path.display());
-        return;
-    }
-    std::fs::create_dir_all(socket_path.parent().unwrap()).unwrap();
-    let journal = UnixDatagram::bind(socket_path).unwrap();
+    // The agent writes to journald's fixed socket path. It runs in a mount namespace of its
+    // own where our directory is mounted over /run/systemd/journal, so this test owns the
+    // socket there whether or not the machine has a real journald.
+    let journal_dir = tempfile::tempdir().unwrap();
+    let socket_path = journal_dir.path().join("socket");
+    std::fs::create_dir_all("/run/systemd/journal").unwrap();
+    let journal = UnixDatagram::bind(&socket_path).unwrap();
     journal
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -299,8 +415,16 @@ async fn journald_entries_carry_structured_fields() {
     let stderr_path = dir.path().join("stderr");
     let stderr = std::fs::File::create(&stderr_path).unwrap();
     let meta = std::fs::metadata(&stderr_path).unwrap();
-    let mut child = std::process::Command::new(agent_bin())
-        .args(["run", "--env-file", "/dev/null", "--config"])
+    let mut child = std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            "mount --bind \"$1\" /run/systemd/journal && exec \"$2\" run --env-file /dev/null --config \"$3\"",
+            "sh",
+        ])
+        .arg(journal_dir.path())
+        .arg(agent_bin())
         .arg(&config)
         .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .env_remove("NOTIFY_SOCKET")
@@ -333,7 +457,6 @@ async fn journald_entries_carry_structured_fields() {
     let _ = child.kill();
     let _ = child.wait();
     drop(journal);
-    let _ = std::fs::remove_file(socket_path);
 
     let up = get(&entries, "tunnel up").expect("no 'tunnel up' entry");
     let field = |e: &Vec<(String, String)>, k: &str| {
@@ -378,7 +501,6 @@ fn the_template_unit_is_the_main_unit_plus_instance_lines() {
     let template = read("secoda-agent@.service");
     for line in [
         "ExecStart=/usr/bin/secoda-agent run --instance %i",
-        "ExecStartPre=/usr/bin/secoda-agent check-config --instance %i",
         "ExecReload=/usr/bin/secoda-agent check-config --instance %i",
         "RuntimeDirectory=secoda-agent-%i",
         "SyslogIdentifier=secoda-agent@%i",
