@@ -3,9 +3,11 @@
 // One exception, allowed where it stands: setting SO_RCVLOWAT (transport.rs).
 #![deny(unsafe_code)]
 
+pub mod accept;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod constants;
 pub mod doctor;
 pub mod error;

@@ -7,21 +7,25 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::accept;
 use crate::constants::METRICS_REQUEST_TIMEOUT;
 use crate::telemetry::Telemetry;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let telemetry = telemetry.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(METRICS_REQUEST_TIMEOUT, answer(conn, &telemetry)).await;
-        });
-    }
+    accept::serve_each(
+        "metrics endpoint",
+        || async { listener.accept().await.map(|(conn, _)| conn) },
+        |conn| {
+            let telemetry = telemetry.clone();
+            async move {
+                let _ =
+                    tokio::time::timeout(METRICS_REQUEST_TIMEOUT, answer(conn, &telemetry)).await;
+            }
+        },
+    )
+    .await
 }
 
 async fn answer(mut conn: TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {

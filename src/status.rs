@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 
+use crate::accept;
 use crate::constants::{RUNTIME_DIR_BASE, STATUS_SOCKET_NAME, STATUS_TIMEOUT};
 use crate::telemetry::{Snapshot, State, Telemetry};
 
@@ -68,16 +69,18 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
 
 /// Answer each connection with one snapshot, then close it.
 pub async fn serve(listener: UnixListener, telemetry: Arc<Telemetry>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let mut body = serde_json::to_vec(&telemetry.snapshot()).unwrap_or_default();
-        body.push(b'\n');
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(STATUS_TIMEOUT, conn.write_all(&body)).await;
-        });
-    }
+    accept::serve_each(
+        "status socket",
+        || async { listener.accept().await.map(|(conn, _)| conn) },
+        |mut conn| {
+            let mut body = serde_json::to_vec(&telemetry.snapshot()).unwrap_or_default();
+            body.push(b'\n');
+            async move {
+                let _ = tokio::time::timeout(STATUS_TIMEOUT, conn.write_all(&body)).await;
+            }
+        },
+    )
+    .await
 }
 
 /// Why `status` got no snapshot.

@@ -194,6 +194,71 @@ async fn metrics_count_channels_by_outcome_and_bytes() {
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
 
+/// CPU time (user + system, in clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime), counted from after the command name.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Out of descriptors, a pending connection to the metrics endpoint cannot be accepted: the
+/// accept loop must pause, not spin the agent's worker thread.
+#[tokio::test]
+async fn out_of_descriptors_the_metrics_listener_does_not_spin() {
+    let mport = free_port();
+    let (_sshd, agent, listen) =
+        tunnel_up(&format!("[metrics]\nlisten = \"127.0.0.1:{mport}\"\n")).await;
+    let pid = agent.child.id();
+    let limit = agent.fd_count() + 6;
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Use the descriptors up with open channels, until the agent cannot connect another.
+    let echo = echo_server().await;
+    let mut held = Vec::new();
+    for _ in 0..limit {
+        match socks5(listen, "127.0.0.1", echo.port()).await {
+            (0, Some(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    assert!(held.len() < limit, "the descriptor limit was never reached");
+    let mut pending = tokio::net::TcpStream::connect(("127.0.0.1", mport))
+        .await
+        .unwrap();
+    pending
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 50,
+        "the agent used {used} ticks of CPU in 2 s while out of descriptors (a spinning accept loop)"
+    );
+    // Descriptors back: the waiting scrape is answered.
+    held.clear();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), pending.read_to_string(&mut text))
+        .await
+        .expect("the pending scrape was never answered")
+        .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        agent
+            .output()
+            .contains("metrics endpoint: cannot accept a connection"),
+        "{}",
+        agent.output()
+    );
+}
+
 /// `secoda-agent doctor --config TOML --socket SOCKET` (inside `netns` if given).
 fn doctor(netns: Option<&str>, toml: &str, socket: Option<&Path>) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
