@@ -22,8 +22,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::ForwardConfig;
+use crate::connect;
 use crate::constants::{
-    CHANNEL_CLOSE_WAIT, SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS,
+    CHANNEL_CLOSE_WAIT, CONNECT_STAGGER, SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE,
+    SPLICE_IOVECS,
 };
 use crate::socks::{self, Host, Reply, Request};
 use crate::telemetry::{ChannelStat, Telemetry};
@@ -392,14 +394,12 @@ pub async fn serve_channel(
             Ok(Err(e)) => {
                 metrics.channel_outcome("socks_error");
                 log::info!(originator = origin.originator.as_str(), error_class = "socks"; "channel from {} closed: {e}", origin.originator);
-                let _ = channel.close().await;
-                return;
+                return refuse(&channel, &mut input, guard).await;
             }
             Err(_) => {
                 metrics.channel_outcome("socks_timeout");
                 log::info!(originator = origin.originator.as_str(), error_class = "socks_timeout"; "channel from {} closed: no complete SOCKS request within {SOCKS_HANDSHAKE_TIMEOUT:?}", origin.originator);
-                let _ = channel.close().await;
-                return;
+                return refuse(&channel, &mut input, guard).await;
             }
         }
     };
@@ -434,8 +434,7 @@ pub async fn serve_channel(
             metrics.channel_outcome(class);
             log::warn!(target_addr = target.as_str(), target = target.as_str(), error_class = class; "connection to {target} failed: {why}");
             let _ = socks::write_reply(&mut writer, request.version, reply, None).await;
-            let _ = channel.close().await;
-            return;
+            return refuse(&channel, &mut input, guard).await;
         }
     };
     let bound = stream.local_addr().ok();
@@ -443,8 +442,8 @@ pub async fn serve_channel(
         .await
         .is_err()
     {
-        let _ = channel.close().await;
-        return;
+        drop(stream);
+        return refuse(&channel, &mut input, guard).await;
     }
     log::debug!(target = target.as_str(); "channel open to {target}");
     metrics.channel_outcome("ok");
@@ -485,6 +484,23 @@ pub async fn serve_channel(
     }
 }
 
+/// End a channel the agent will not serve (a bad or late SOCKS request, a denied or failed
+/// target) the way the normal path ends one: send EOF and let the server close it. russh
+/// (0.65) forgets a channel only when the close comes from the server; one the agent closed
+/// first stayed in its tables for good (about 4 KiB each). A server that has not closed within
+/// `CHANNEL_CLOSE_WAIT` gets our close after all. The channel no longer counts as open
+/// meanwhile.
+async fn refuse(channel: &ChannelWriteHalf<Msg>, input: &mut ChannelInput, guard: GaugeGuard) {
+    drop(guard);
+    let closed_by_server = channel.eof().await.is_ok()
+        && tokio::time::timeout(CHANNEL_CLOSE_WAIT, input.closed())
+            .await
+            .is_ok_and(|overflow| overflow.is_none());
+    if !closed_by_server {
+        let _ = channel.close().await;
+    }
+}
+
 fn reply_class(r: Reply) -> &'static str {
     match r {
         Reply::NotAllowed => "denied",
@@ -517,24 +533,36 @@ async fn connect_target(
                 (Some(n.as_str()), addrs.collect())
             }
         };
-        let mut last = (
-            Reply::HostUnreachable,
-            "the name has no addresses".to_string(),
-        );
-        for addr in addrs {
-            if let Err(denial) = settings.policy.check(name, addr.ip(), addr.port()) {
-                last = (Reply::NotAllowed, format!("{addr} {denial}"));
-                continue;
-            }
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Err(e) => last = (io_reply(&e), format!("{addr}: {e}")),
-            }
+        // The policy decides on each address; the allowed ones race (see connect.rs).
+        let mut denied = None;
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(
+                |addr| match settings.policy.check(name, addr.ip(), addr.port()) {
+                    Ok(()) => true,
+                    Err(denial) => {
+                        denied = Some((Reply::NotAllowed, format!("{addr} {denial}")));
+                        false
+                    }
+                },
+            )
+            .collect();
+        if allowed.is_empty() {
+            return Err(denied.unwrap_or((
+                Reply::HostUnreachable,
+                "the name has no addresses".to_string(),
+            )));
         }
-        Err(last)
+        match connect::first_of(&allowed, CONNECT_STAGGER).await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Err(errors) => Err(errors.last().map_or(
+                (Reply::GeneralFailure, "no address answered".to_string()),
+                |(addr, e)| (io_reply(e), format!("{addr}: {e}")),
+            )),
+        }
     };
     match tokio::time::timeout(settings.connect_timeout, attempt).await {
         Ok(r) => r,
@@ -644,6 +672,15 @@ async fn splice<W: AsyncWrite + Unpin>(
                         counts.add_from_target(n as u64);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    // A reset after the client's EOF is how some servers end a session
+                    // (PostgreSQL after Terminate, like any server closing with unread
+                    // data): the exchange is over, so it ends the channel normally.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::ConnectionReset
+                            && server_eof.load(Ordering::Relaxed) =>
+                    {
+                        break
+                    }
                     Err(e) => return Err(e),
                 }
             }

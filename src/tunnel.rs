@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use russh::client::{self, Handle, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{cipher, Channel, ChannelId, Preferred};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::config::TunnelConfig;
+use crate::connect;
 use crate::constants::*;
 use crate::error::TunnelError;
 use crate::forward::{self, ChannelContext, Forwarder, Gauge, GaugeGuard, Inbox};
@@ -52,6 +52,8 @@ struct Client {
     /// Tells the [`Session`] why the session loop ended (see `disconnected` and `Drop`).
     ended: Option<oneshot::Sender<TunnelError>>,
     keepalive_window: Duration,
+    /// The remote forward's port: forwarded channels for any other are refused.
+    listen_port: u16,
 }
 
 /// Handler callbacks whose only job is to empty russh's queue for the channel.
@@ -64,6 +66,26 @@ macro_rules! drain_only {
             _: &mut client::Session,
         ) -> Result<(), Self::Error> {
             self.drain(channel);
+            Ok(())
+        }
+    )*};
+}
+
+/// Handler callbacks for channel types the agent never serves: russh would accept them, and
+/// an accepted channel nobody reads is a leak (and an open door, should the server misbehave).
+macro_rules! refuse_channel {
+    ($($name:ident($($arg:ty),*) => $kind:literal;)*) => {$(
+        async fn $name(
+            &mut self,
+            channel: Channel<Msg>,
+            $(_: $arg,)*
+            reply: client::ChannelOpenHandle,
+            _: &mut client::Session,
+        ) -> Result<(), Self::Error> {
+            log::warn!(error_class = "channel_refused"; "the server opened a {} channel (id {}); refused: only forwarded-tcpip channels are served", $kind, channel.id());
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             Ok(())
         }
     )*};
@@ -120,16 +142,34 @@ impl client::Handler for Client {
         }
     }
 
+    refuse_channel! {
+        server_channel_open_session() => "session";
+        server_channel_open_direct_tcpip(&str, u32, &str, u32) => "direct-tcpip";
+        server_channel_open_direct_streamlocal(&str) => "direct-streamlocal";
+        server_channel_open_forwarded_streamlocal(&str) => "forwarded-streamlocal";
+        server_channel_open_x11(&str, u32) => "x11";
+        server_channel_open_agent_forward() => "auth-agent";
+    }
+
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
         channel: Channel<Msg>,
-        _connected_address: &str,
-        _connected_port: u32,
+        connected_address: &str,
+        connected_port: u32,
         originator_address: &str,
         originator_port: u32,
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
+        // Only for the one forward we asked for (the port is what identifies it: servers
+        // report the listen address in their own spelling).
+        if connected_port != u32::from(self.listen_port) {
+            log::warn!(error_class = "channel_refused"; "the server opened a forwarded-tcpip channel for {connected_address}:{connected_port}, which the agent never asked for (it listens on port {}); refused", self.listen_port);
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
         if !self.accepting.load(Ordering::Acquire) {
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
@@ -387,32 +427,36 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
             })
         }
     };
-    let mut last = TunnelError::Resolve {
-        host: t.host.clone(),
-        reason: "no addresses".into(),
-    };
-    let mut tcp = None;
-    for addr in addrs {
-        match tokio::time::timeout(SSH_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                tcp = Some(s);
-                break;
-            }
-            Ok(Err(e)) => {
-                last = TunnelError::Connect {
-                    server: server.clone(),
-                    via: via(&server, addr),
-                    reason: e.to_string(),
-                }
-            }
-            Err(_) => {
-                last = TunnelError::ConnectTimeout {
-                    server: server.clone(),
-                }
-            }
-        }
+    if addrs.is_empty() {
+        return Err(TunnelError::Resolve {
+            host: t.host.clone(),
+            reason: "no addresses".into(),
+        });
     }
-    let tcp = tcp.ok_or(last)?;
+    // The addresses race (see connect.rs), all within SSH_CONNECT_TIMEOUT.
+    let tcp = match tokio::time::timeout(
+        SSH_CONNECT_TIMEOUT,
+        connect::first_of(&addrs, CONNECT_STAGGER),
+    )
+    .await
+    {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(errors)) => {
+            let (addr, e) = errors.last().ok_or_else(|| TunnelError::ConnectTimeout {
+                server: server.clone(),
+            })?;
+            return Err(TunnelError::Connect {
+                server: server.clone(),
+                via: via(&server, *addr),
+                reason: e.to_string(),
+            });
+        }
+        Err(_) => {
+            return Err(TunnelError::ConnectTimeout {
+                server: server.clone(),
+            })
+        }
+    };
     tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
         server: server.clone(),
         via: String::new(),
@@ -437,6 +481,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         prune_at: 64,
         ended: Some(ended_tx),
         keepalive_window,
+        listen_port: t.listen_port,
     };
     let transport = Transport::new(tcp, backlog, intake, received.clone());
     let handshake = async {

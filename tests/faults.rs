@@ -83,10 +83,112 @@ async fn a_black_holed_server_is_declared_dead_and_the_tunnel_returns() {
         "no page through the tunnel after the black hole; {}",
         agent.output()
     );
-    let fds_after = agent.fd_count();
+    // The fetch's own channel closes a moment after curl has its page.
+    let settled = eventually(Duration::from_secs(5), || async {
+        agent.fd_count() <= fds_before
+    })
+    .await;
     assert!(
-        fds_after <= fds_before,
-        "file descriptors leaked: {fds_before} before, {fds_after} after"
+        settled,
+        "file descriptors leaked: {fds_before} before, {} after",
+        agent.fd_count()
+    );
+}
+
+/// Removes /etc/netns/NAME (the files `ip netns exec` mounts over /etc) when dropped.
+struct NetnsEtc(std::path::PathBuf);
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A database name with two addresses, the first one black-holed (a stale DNS entry): the
+/// agent must try the second after a moment (RFC 8305), not spend the whole connect_timeout
+/// on the first and give up.
+#[tokio::test]
+async fn a_black_holed_first_address_falls_over_to_the_next() {
+    let ns = NetNs::new("eyeballs");
+    ns.run(&["ip", "addr", "add", "10.77.0.1/32", "dev", "lo"]);
+    ns.run(&["ip", "addr", "add", "10.77.0.2/32", "dev", "lo"]);
+    let etc = NetnsEtc(std::path::PathBuf::from("/etc/netns").join(&ns.name));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(
+        etc.0.join("hosts"),
+        "127.0.0.1 localhost\n10.77.0.1 db.eyeballs.test\n10.77.0.2 db.eyeballs.test\n",
+    )
+    .unwrap();
+    // Black-hole whichever address the resolver gives first.
+    let first = ns.run(&["getent", "ahostsv4", "db.eyeballs.test"]);
+    let first = first.split_whitespace().next().unwrap().to_string();
+    assert!(first.starts_with("10.77.0."), "{first}");
+    ns.run(&["nft", "add", "table", "inet", "eyeballs"]);
+    ns.run(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "eyeballs",
+        "output",
+        "{ type filter hook output priority 0 ; }",
+    ]);
+    ns.run(&[
+        "nft", "add", "rule", "inet", "eyeballs", "output", "ip", "daddr", &first, "tcp", "dport",
+        "8080", "drop",
+    ]);
+
+    let sshd = Sshd::start_in(Some(&ns.name), "");
+    let listen = 10124;
+    let agent = Agent::start_in(
+        Some(&ns.name),
+        &sshd.agent_toml(listen, "[forward]\nconnect_timeout = \"5s\"\n"),
+        &[],
+        &[],
+    );
+    agent.wait_ready().await;
+    std::fs::write(agent.dir.path().join("index.html"), "second address").unwrap();
+    let mut web = command_in(Some(&ns.name), "python3")
+        .args([
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+        ])
+        .arg(agent.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let proxy = format!("127.0.0.1:{listen}");
+    let fetched = eventually(Duration::from_secs(10), || async {
+        let out = command_in(Some(&ns.name), "curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "8",
+                "--socks5-hostname",
+                &proxy,
+                "http://db.eyeballs.test:8080/index.html",
+            ])
+            .output()
+            .unwrap();
+        out.stdout == b"second address"
+    })
+    .await;
+    let _ = web.kill();
+    let _ = web.wait();
+    assert!(
+        fetched,
+        "no page from the second address ({first} black-holed): {}",
+        agent.output()
+    );
+    assert!(
+        !agent.output().contains("timed out after"),
+        "{}",
+        agent.output()
     );
 }
 
@@ -188,6 +290,45 @@ async fn a_target_reset_mid_stream_ends_only_its_channel() {
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
     assert!(echo_roundtrip(steady.unwrap(), &payload(500_000, 2)).await);
     assert!(!agent.output().contains("tunnel lost"));
+}
+
+/// A target that resets after the client's EOF (PostgreSQL does after Terminate) ends its
+/// channel normally: logged as closed, not as a failure.
+#[tokio::test]
+async fn a_target_reset_after_the_clients_eof_is_a_normal_close() {
+    let (_sshd, agent, listen) = tunnel_up("").await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        let _ = s.write_all(b"bye").await;
+        s.set_zero_linger().unwrap();
+        drop(s);
+    });
+    let (code, s) = socks5(listen, "127.0.0.1", port).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    s.write_all(b"X\0\0\0\x04").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    let target = format!("channel to 127.0.0.1:{port} ");
+    assert!(
+        agent
+            .wait_output(&format!("{target}closed after"), Duration::from_secs(10))
+            .await,
+        "{}",
+        agent.output()
+    );
+    let line = agent
+        .output()
+        .lines()
+        .find(|l| l.contains(&target))
+        .unwrap_or_default()
+        .to_string();
+    assert!(!line.contains("reset"), "{line}");
 }
 
 /// A slow reader receives everything, byte-exact, and the tunnel stays healthy meanwhile.

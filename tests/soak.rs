@@ -5,8 +5,9 @@
 //! Mixed traffic (32 workers, transfers of 1 KiB to 4 MiB through an echo service) for
 //! SOAK_SECS, with sshd killed and restarted every SOAK_RESTART_SECS (default 300). Prints bytes
 //! moved, transfers, reconnects, the agent's RSS and open descriptors every 10 s, and fails if
-//! any channel not cut by a restart lost or changed a byte. (Requests that find the tunnel down
-//! while it reconnects are counted as "unavailable", not as errors.)
+//! any channel not cut by a restart lost or changed a byte, or if a SOCKS request failed while
+//! the server was up. (Requests that find the tunnel down while it reconnects are counted as
+//! "unavailable", not as errors.)
 
 mod common;
 
@@ -39,7 +40,8 @@ struct Stats {
     bytes: AtomicU64,
     transfers: AtomicU64,
     cut_by_restart: AtomicU64,
-    /// Channel requests that found the tunnel down (reconnecting after a restart).
+    /// Channel requests that found the tunnel down (reconnecting after a restart); a failed
+    /// request while the server is up counts as an error.
     unavailable: AtomicU64,
     errors: AtomicU64,
     /// Odd while sshd is down: a transfer that saw it change may have been cut legitimately.
@@ -79,9 +81,17 @@ async fn soak() {
                 .await
                 {
                     Ok((0, Some(s))) => s,
-                    _ => {
-                        // No channel (the tunnel is reconnecting): nothing was lost.
-                        stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                    other => {
+                        if stats.epoch.load(Ordering::SeqCst) != epoch || epoch % 2 == 1 {
+                            // No channel while the tunnel reconnects: nothing was lost.
+                            stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                            eprintln!(
+                                "a SOCKS request failed with the server up: {:?}",
+                                other.map(|(code, _)| code)
+                            );
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn up() -> (Sshd, Agent, u16) {
     tunnel_up("[forward]\nconnect_timeout = \"2s\"\n").await
@@ -104,7 +105,6 @@ async fn half_close_keeps_the_other_direction_open() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut s, _) = l.accept().await.unwrap();
         let mut all = Vec::new();
         s.read_to_end(&mut all).await.unwrap();
@@ -116,7 +116,6 @@ async fn half_close_keeps_the_other_direction_open() {
     let (code, s) = socks5(listen, "127.0.0.1", port).await;
     assert_eq!(code, 0);
     let mut s = s.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(&payload(100_000, 3)).await.unwrap();
     s.shutdown().await.unwrap();
     let mut answer = String::new();
@@ -215,7 +214,6 @@ async fn channels_beyond_max_connections_are_refused_and_nothing_else_breaks() {
 
 #[tokio::test]
 async fn a_stalled_socks_handshake_is_closed_after_the_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_sshd, _agent, listen) = up().await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", listen))
         .await
@@ -281,4 +279,70 @@ async fn many_short_channels_leave_no_memory_behind() {
         after < before + 8 * 1024,
         "6,000 channels grew the agent from {before} KiB to {after} KiB"
     );
+}
+
+/// What a client of the forwarded port asks for, in the channels the agent ends itself.
+#[derive(Clone, Copy, Debug)]
+enum Refused {
+    /// A target port nobody listens on: SOCKS reply 5.
+    ClosedPort(u16),
+    /// A link-local target, denied by the default policy: SOCKS reply 2.
+    Denied,
+    /// Not SOCKS at all.
+    Garbage,
+}
+
+async fn refused_channels(listen: u16, kind: Refused, n: usize) {
+    let mut workers = Vec::new();
+    for _ in 0..20 {
+        workers.push(tokio::spawn(async move {
+            for _ in 0..n / 20 {
+                match kind {
+                    Refused::ClosedPort(port) => {
+                        assert_eq!(socks5(listen, "127.0.0.1", port).await.0, 5)
+                    }
+                    Refused::Denied => assert_eq!(socks5(listen, "169.254.169.254", 80).await.0, 2),
+                    Refused::Garbage => {
+                        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", listen))
+                            .await
+                            .unwrap();
+                        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+                        let mut rest = Vec::new();
+                        let r =
+                            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+                                .await;
+                        assert!(matches!(r, Ok(Ok(0))), "{r:?}");
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+}
+
+/// Channels the agent ends itself (a refused target, a denied one, garbage instead of a SOCKS
+/// request) must not grow it either: russh keeps a channel the client closed first, so the
+/// agent sends EOF and lets the server close (before that, each left ~4 KiB behind).
+#[tokio::test]
+async fn channels_the_agent_refuses_leave_no_memory_behind() {
+    let (_sshd, agent, listen) = tunnel_up("").await;
+    let pid = agent.child.id();
+    for kind in [
+        Refused::ClosedPort(free_port()),
+        Refused::Denied,
+        Refused::Garbage,
+    ] {
+        refused_channels(listen, kind, 1000).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(pid);
+        refused_channels(listen, kind, 20_000).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(pid);
+        assert!(
+            after < before + 2 * 1024,
+            "20,000 channels refused as {kind:?} grew the agent from {before} KiB to {after} KiB"
+        );
+    }
 }
