@@ -392,6 +392,61 @@ grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail
 check_connected
 ok "upgrade restarted the agent and kept the config"
 
+step "Debian 12: the key encrypted at rest (systemd credentials)"
+# The documented flow (README "The key encrypted at rest").
+cp "$AGENT_KEY" "$ROOT/root/plain-key"
+inside systemd-creds encrypt --name=ssh-key /root/plain-key /etc/secoda-agent/ssh-key.cred >/dev/null 2>&1 \
+    || fail "systemd-creds encrypt: $(inside systemd-creds encrypt --name=ssh-key /root/plain-key /etc/secoda-agent/ssh-key.cred 2>&1)"
+inside shred -u /root/plain-key
+printf '[Service]\nLoadCredentialEncrypted=ssh-key:/etc/secoda-agent/ssh-key.cred\n' \
+    > "$ROOT/etc/systemd/system/secoda-agent.service.d/credential.conf"
+rm -f "$ROOT/etc/secoda-agent/id_ed25519"
+sed -i 's|^key_file = .*|key_credential = "ssh-key"|' "$ROOT/etc/secoda-agent/agent.toml"
+inside systemctl daemon-reload
+timeout 60 nsenter -t "$init_pid" -a systemctl restart secoda-agent || fail "restart with the credential: $(unit_status)"
+wait_active
+check_connected
+key_lines=$(grep -v -- '-----' "$AGENT_KEY")
+for line in $key_lines; do
+    ! grep -rqF -- "$line" "$ROOT/etc/secoda-agent" || fail "key material in a file under /etc/secoda-agent"
+    ! inside journalctl --no-pager -q -o verbose | grep -F -- "$line" >/dev/null || fail "key material in the journal"
+done
+inside secoda-agent check-config | grep 'from systemd credential "ssh-key", which only the service can read' >/dev/null \
+    || fail "check-config outside the unit: $(inside secoda-agent check-config 2>&1)"
+inside systemctl reload secoda-agent || fail "reload with the credential: $(unit_status)"
+sleep 1
+unit_status | grep 'Status: "connected to' >/dev/null || fail "the reload did not take (the agent re-reads the credential): $(unit_status)"
+exposure=$(inside systemd-analyze security secoda-agent 2>&1 | sed -n 's/.*Overall exposure level for secoda-agent.service: \([0-9.]*\).*/\1/p')
+awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 1.5) }' || fail "exposure $exposure > 1.5 with the credential"
+ok "tunnel up with only the encrypted credential; no key under /etc/secoda-agent or in the journal; exposure $exposure"
+
+# The same for an instance.
+write_config eu "$eu_port"
+sed -i 's|^key_file = .*|key_credential = "ssh-key"|' "$ROOT/etc/secoda-agent/eu.toml"
+inside chown root:secoda-agent /etc/secoda-agent/eu.toml
+inside chmod 0640 /etc/secoda-agent/eu.toml
+mkdir -p "$ROOT/etc/systemd/system/secoda-agent@eu.service.d"
+cp "$ROOT/etc/systemd/system/secoda-agent.service.d/credential.conf" "$ROOT/etc/systemd/system/secoda-agent@eu.service.d/"
+inside systemctl daemon-reload
+timeout 60 nsenter -t "$init_pid" -a systemctl start secoda-agent@eu || fail "secoda-agent@eu with the credential: $(unit_status secoda-agent@eu)"
+fetch_through "$eu_port" "curl through the eu tunnel (credential)"
+inside systemctl stop secoda-agent@eu
+ok "secoda-agent@eu with the credential from its own drop-in"
+
+# Without the drop-in: one failure, exit 78, naming the credential and the line to add.
+rm "$ROOT/etc/systemd/system/secoda-agent.service.d/credential.conf"
+inside systemctl daemon-reload
+if inside systemctl restart secoda-agent 2>/dev/null; then fail "started without the credential"; fi
+sleep 3
+[ "$(inside systemctl is-active secoda-agent || true)" = failed ] || fail "not failed without the credential: $(unit_status)"
+[ "$(inside systemctl show -p ExecMainStatus --value secoda-agent)" = 78 ] || fail "exit $(inside systemctl show -p ExecMainStatus --value secoda-agent), not 78"
+[ "$(inside systemctl show -p NRestarts --value secoda-agent)" = 0 ] || fail "restarted without the credential"
+unit_status | grep 'key_credential = "ssh-key"' >/dev/null || fail "the failure does not name the credential: $(unit_status)"
+inside journalctl -u secoda-agent --no-pager -q | grep "LoadCredentialEncrypted=ssh-key:" >/dev/null \
+    || fail "the failure does not give the unit line: $(inside journalctl -u secoda-agent --no-pager -q -n 20)"
+inside systemctl reset-failed secoda-agent
+ok "without the drop-in: failed once with exit 78, naming the credential and the line to add"
+
 step "Debian 12: purge"
 check_purge
 ok "purge leaves nothing behind"

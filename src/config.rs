@@ -29,6 +29,7 @@ pub const ENV_KEYS: &[&str] = &[
     "SSH_HOST_PORT",
     "SSH_LISTEN_PORT",
     "SSH_KEY_BASE64",
+    "SSH_KEY_CREDENTIAL",
     "SSH_USER",
     "SSH_HOST_KEY",
 ];
@@ -42,6 +43,12 @@ pub struct Sources {
     pub env: BTreeMap<String, String>,
     /// `--instance NAME`: the default paths become `/etc/secoda-agent/NAME.toml` and `NAME.env`.
     pub instance: Option<String>,
+    /// `$CREDENTIALS_DIRECTORY`: where systemd put the unit's credentials (`key_credential`);
+    /// `None` outside a unit that has any.
+    pub credentials: Option<PathBuf>,
+    /// Whether a key in a credential must be readable: `run` (and its reloads) needs the key;
+    /// `check-config` and `doctor` also run from a shell, outside the unit that holds it.
+    pub key_required: bool,
 }
 
 impl Sources {
@@ -74,7 +81,7 @@ pub struct TunnelConfig {
     pub user: String,
     pub listen_address: String,
     pub listen_port: u16,
-    pub key: SecretKey,
+    pub key: ClientKey,
     pub host_keys: Vec<PublicKey>,
     pub keepalive_interval: Duration,
     pub keepalive_max: u32,
@@ -99,6 +106,44 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub level: log::LevelFilter,
+}
+
+/// The client key as this process sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientKey {
+    Loaded(SecretKey),
+    /// `key_credential` seen from outside the unit that provides it (`check-config` or
+    /// `doctor` from a shell): only the service can read it.
+    InCredential(String),
+}
+
+impl ClientKey {
+    pub fn loaded(&self) -> Option<&SecretKey> {
+        match self {
+            ClientKey::Loaded(k) => Some(k),
+            ClientKey::InCredential(_) => None,
+        }
+    }
+
+    /// The public fingerprint, or where the key is when this process cannot read it.
+    pub fn fingerprint(&self) -> String {
+        match self {
+            ClientKey::Loaded(k) => k.fingerprint(),
+            ClientKey::InCredential(name) => format!("in systemd credential \"{name}\""),
+        }
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientKey::Loaded(k) => k.fmt(f),
+            ClientKey::InCredential(name) => write!(
+                f,
+                "from systemd credential \"{name}\", which only the service can read (not checked here; the running agent checks it on reload)"
+            ),
+        }
+    }
 }
 
 /// The client's private key. Its `Debug` and `Display` say only what kind of key it is and its
@@ -194,6 +239,7 @@ struct RawTunnel {
     listen_address: Option<String>,
     key_file: Option<PathBuf>,
     key_base64: Option<String>,
+    key_credential: Option<String>,
     host_keys: Option<Vec<String>>,
     keepalive_interval: Option<String>,
     keepalive_max: Option<i64>,
@@ -353,25 +399,54 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         .clone()
         .unwrap_or_else(|| DEFAULT_LISTEN_ADDRESS.to_string());
 
-    // Key: env SSH_KEY_BASE64 overrides both file settings. A file that holds the key is
-    // refused when every user may read it, as a key file is (copying an example with cp
-    // leaves it 0644).
-    let key = match env_val(&["SSH_KEY_BASE64"]) {
-        Some(v) if !sources.env.contains_key("SSH_KEY_BASE64") => {
+    // Key: SSH_KEY_BASE64 or SSH_KEY_CREDENTIAL (environment, then env file) overrides the
+    // toml's key_file / key_base64 / key_credential; each place holds exactly one. A file that
+    // holds the key itself is refused when every user may read it, as a key file is (copying
+    // an example with cp leaves it 0644).
+    let from_env_file = |name: &str| !sources.env.contains_key(name);
+    let key = match (
+        env_val(&["SSH_KEY_BASE64"]),
+        env_val(&["SSH_KEY_CREDENTIAL"]),
+    ) {
+        (Some(b64), Some(cred)) => Err(format!(
+            "{} and {} are both set: keep exactly one",
+            b64.at, cred.at
+        )),
+        (Some(v), None) if from_env_file("SSH_KEY_BASE64") => {
             private_to_group(&env_path, &env_name, "SSH_KEY_BASE64")
                 .and_then(|()| load_key_base64(&v.value, &v.at))
+                .map(ClientKey::Loaded)
         }
-        Some(v) => load_key_base64(&v.value, &v.at),
-        None => match (&t.key_file, &t.key_base64) {
-            (Some(_), Some(_)) => Err(format!(
-                "{toml_name}: [tunnel] key_file and key_base64 are both set: keep exactly one"
+        (Some(v), None) => load_key_base64(&v.value, &v.at).map(ClientKey::Loaded),
+        (None, Some(v)) => load_key_credential(&v.value, &v.at, sources),
+        (None, None) => match (&t.key_file, &t.key_base64, &t.key_credential) {
+            (Some(path), None, None) => {
+                load_key_file(path, &toml_at("tunnel", "key_file")).map(ClientKey::Loaded)
+            }
+            (None, Some(b64), None) => private_to_group(&toml_path, &toml_name, "key_base64")
+                .and_then(|()| load_key_base64(b64, &toml_at("tunnel", "key_base64")))
+                .map(ClientKey::Loaded),
+            (None, None, Some(name)) => {
+                load_key_credential(name, &toml_at("tunnel", "key_credential"), sources)
+            }
+            (None, None, None) => Err(format!(
+                "no private key configured: set [tunnel] key_file, key_base64 or key_credential in {toml_name}, or SSH_KEY_BASE64 in {env_name}"
             )),
-            (Some(path), None) => load_key_file(path, &toml_at("tunnel", "key_file")),
-            (None, Some(b64)) => private_to_group(&toml_path, &toml_name, "key_base64")
-                .and_then(|()| load_key_base64(b64, &toml_at("tunnel", "key_base64"))),
-            (None, None) => Err(format!(
-                "no private key configured: set [tunnel] key_file or key_base64 in {toml_name}, or SSH_KEY_BASE64 in {env_name}"
-            )),
+            (file, b64, cred) => {
+                let set: Vec<&str> = [
+                    file.as_ref().map(|_| "key_file"),
+                    b64.as_ref().map(|_| "key_base64"),
+                    cred.as_ref().map(|_| "key_credential"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                Err(format!(
+                    "{toml_name}: [tunnel] {} are {} set: keep exactly one of key_file, key_base64 and key_credential",
+                    set.join(" and "),
+                    if set.len() == 2 { "both" } else { "all" }
+                ))
+            }
         },
     };
     let key = match key {
@@ -844,6 +919,61 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
         .map_err(|_| format!("\"{s}\" is not a log level (error, warn, info, debug, trace)"))
+}
+
+/// The key systemd hands the unit as credential `name` (`LoadCredentialEncrypted=` or
+/// `LoadCredential=`): `$CREDENTIALS_DIRECTORY/name`, which only the service's processes see.
+fn load_key_credential(name: &str, at: &str, sources: &Sources) -> Result<ClientKey, String> {
+    let valid = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if !valid {
+        return Err(format!(
+            "{at} = \"{name}\": not a credential name (letters, digits, '-', '_', '.', '@'; e.g. \"ssh-key\")"
+        ));
+    }
+    let unit = match &sources.instance {
+        Some(i) => format!("secoda-agent@{i}"),
+        None => "secoda-agent".to_string(),
+    };
+    let remedy = format!(
+        "the unit must provide it: `systemctl edit {unit}` and add [Service] LoadCredentialEncrypted={name}:/etc/secoda-agent/{name}.cred (made with `systemd-creds encrypt --name={name} KEYFILE /etc/secoda-agent/{name}.cred`; README: \"The key encrypted at rest\")"
+    );
+    let Some(dir) = &sources.credentials else {
+        if sources.key_required {
+            return Err(format!(
+                "{at} = \"{name}\": no systemd credentials here ($CREDENTIALS_DIRECTORY is not set): {remedy}"
+            ));
+        }
+        return Ok(ClientKey::InCredential(name.to_string()));
+    };
+    let path = dir.join(name);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        // systemd lets the service's main process read its credentials, not always the
+        // other processes of the unit (ExecReload=check-config saw EACCES on systemd 252);
+        // the main process checks the key itself when it reloads.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !sources.key_required => {
+            return Ok(ClientKey::InCredential(name.to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{at} = \"{name}\": the unit provides no credential \"{name}\" (none in $CREDENTIALS_DIRECTORY): {remedy}"
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "{at} = \"{name}\": credential {}: {}",
+                path.display(),
+                describe_io(&e)
+            ))
+        }
+    };
+    let mut key = decode_key(&bytes, &format!("{at} = \"{name}\" (systemd credential)"))?;
+    key.origin = format!("systemd credential \"{name}\"");
+    Ok(ClientKey::Loaded(key))
 }
 
 fn load_key_file(path: &Path, at: &str) -> Result<SecretKey, String> {

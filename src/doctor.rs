@@ -12,7 +12,7 @@ use russh::keys::{PublicKey, PublicKeyOrCertificate};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::config::{self, Config, Sources};
+use crate::config::{self, ClientKey, Config, Sources};
 use crate::constants::DOCTOR_STEP_TIMEOUT;
 use crate::status;
 use crate::telemetry::State;
@@ -80,10 +80,10 @@ pub async fn run(sources: &Sources, socket: &Path) -> u8 {
         }
     };
     // Loading refuses a key file that others can read, or a key that does not parse.
-    r.ok(
-        "client key",
-        format!("{} (permissions and format OK)", cfg.tunnel.key),
-    );
+    match &cfg.tunnel.key {
+        ClientKey::Loaded(k) => r.ok("client key", format!("{k} (permissions and format OK)")),
+        ClientKey::InCredential(_) => r.skip("client key", &cfg.tunnel.key.to_string()),
+    }
     let running = status::query(socket).ok();
     match &running {
         Some(s) => r.ok(
@@ -310,6 +310,14 @@ async fn ssh(
         }
     };
 
+    if let ClientKey::InCredential(name) = &t.key {
+        r.skip(
+            "authentication",
+            &format!("the key is in systemd credential \"{name}\", which only the service can read; to run every step with it: systemd-run --pipe --wait -p LoadCredentialEncrypted={name}:/etc/secoda-agent/{name}.cred secoda-agent doctor"),
+        );
+        r.skip("remote forward", "not authenticated");
+        return;
+    }
     let started = Instant::now();
     match tokio::time::timeout(DOCTOR_STEP_TIMEOUT, authenticate(&mut handle, t)).await {
         Ok(Ok(())) => r.ok(

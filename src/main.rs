@@ -33,6 +33,8 @@ fn main() -> ExitCode {
         env_file: cli.env_file.clone(),
         env: Sources::process_env(),
         instance: cli.instance.clone(),
+        credentials: std::env::var_os("CREDENTIALS_DIRECTORY").map(Into::into),
+        key_required: matches!(cli.command, Command::Run),
     };
     match cli.command {
         Command::Version => {

@@ -546,7 +546,14 @@ pub(crate) async fn authenticate<H: client::Handler>(
     handle: &mut Handle<H>,
     t: &TunnelConfig,
 ) -> Result<(), TunnelError> {
-    let key = t.key.key();
+    // `run` loads with the key required, so only `doctor` from a shell gets here without it
+    // (and skips this step before).
+    let Some(secret) = t.key.loaded() else {
+        return Err(TunnelError::Lost {
+            reason: format!("the private key is {}", t.key.fingerprint()),
+        });
+    };
+    let key = secret.key();
     let hash = if key.algorithm().is_rsa() {
         // OpenSSH 8.8+ refuses SHA-1 signatures; default to SHA-512 if the server is silent.
         match handle.best_supported_rsa_hash().await {

@@ -94,6 +94,129 @@ async fn rsa_and_ecdsa_keys_from_key_base64() {
     }
 }
 
+/// `key_credential`: the key comes from `$CREDENTIALS_DIRECTORY/NAME` (what systemd's
+/// LoadCredentialEncrypted= provides); without it `run` refuses with 78 and the unit line to
+/// add, while `check-config` from a shell accepts the config and says where the key is.
+#[tokio::test]
+async fn the_key_from_a_systemd_credential() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let toml = sshd.agent_toml(listen, "").replace(
+        &format!("key_file = \"{}\"", sshd.client_key.display()),
+        "key_credential = \"ssh-key\"",
+    );
+    assert!(toml.contains("key_credential"), "{toml}");
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::copy(&sshd.client_key, creds.path().join("ssh-key")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let agent_cmd = |command: &str, credentials: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(agent_bin());
+        cmd.args([command, "--env-file", "/dev/null", "--config"])
+            .arg(&config)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("NOTIFY_SOCKET");
+        if let Some(c) = credentials {
+            cmd.env("CREDENTIALS_DIRECTORY", c);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = agent_cmd("check-config", None);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("from systemd credential \"ssh-key\", which only the service can read"),
+        "{text}"
+    );
+    // doctor from a shell checks the path and says why it skips the key.
+    let (code, text) = agent_cmd("doctor", None);
+    assert!(
+        text.contains("[skip] authentication: the key is in systemd credential \"ssh-key\""),
+        "{text}"
+    );
+    assert!(text.contains("[ ok ] host key"), "{text}");
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = agent_cmd("run", None);
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("key_credential = \"ssh-key\"")
+            && text.contains("LoadCredentialEncrypted=ssh-key:/etc/secoda-agent/ssh-key.cred"),
+        "{text}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let (code, text) = agent_cmd("run", Some(empty.path()));
+    assert_eq!(code, Some(78), "{text}");
+    assert!(
+        text.contains("the unit provides no credential \"ssh-key\""),
+        "{text}"
+    );
+    let (code, text) = agent_cmd("check-config", Some(creds.path()));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("ed25519 key SHA256:") && text.contains("systemd credential \"ssh-key\""),
+        "{text}"
+    );
+
+    let creds_dir = creds.path().to_str().unwrap().to_string();
+    let agent = Agent::start_with(&toml, &[], &[("CREDENTIALS_DIRECTORY", &creds_dir)]);
+    agent.wait_ready().await;
+    assert_serves(listen).await;
+}
+
+/// Exactly one key source in each place.
+#[test]
+fn two_key_sources_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[tunnel]\nhost = \"h\"\nlisten_port = 1\nkey_file = \"/k\"\nkey_credential = \"ssh-key\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(agent_bin())
+        .args(["check-config", "--env-file", "/dev/null", "--config"])
+        .arg(&config)
+        .env_remove("SSH_KEY_BASE64")
+        .env_remove("SSH_KEY_CREDENTIAL")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("[tunnel] key_file and key_credential are both set"),
+        "{text}"
+    );
+    let out = std::process::Command::new(agent_bin())
+        .args([
+            "check-config",
+            "--env-file",
+            "/dev/null",
+            "--config",
+            "/dev/null",
+        ])
+        .env("SSH_HOST", "h")
+        .env("SSH_LISTEN_PORT", "1")
+        .env("SSH_KEY_BASE64", "AAAA")
+        .env("SSH_KEY_CREDENTIAL", "ssh-key")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("SSH_KEY_BASE64")
+            && text.contains("SSH_KEY_CREDENTIAL")
+            && text.contains("keep exactly one"),
+        "{text}"
+    );
+}
+
 /// The cipher the agent settles on with sshd's default offer, as sshd logs it: AES-GCM when
 /// the CPU does AES in hardware (read here from /proc/cpuinfo, not from the agent's own
 /// detection), chacha20-poly1305 otherwise.
