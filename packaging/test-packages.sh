@@ -188,6 +188,15 @@ install_key() {
     install -m 0600 "$AGENT_KEY" "$ROOT/etc/secoda-agent/id_ed25519"
     inside chown secoda-agent:secoda-agent /etc/secoda-agent/id_ed25519
 }
+# After a first install: the system user, root:secoda-agent 0750 / 0640, unit neither enabled
+# nor started (an unconfigured agent must not crash-loop).
+check_fresh_install() {
+    inside getent passwd secoda-agent >/dev/null || fail "no secoda-agent user"
+    [ "$(inside stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent: $(inside stat -c '%U:%G %a' /etc/secoda-agent)"
+    [ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml: $(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)"
+    [ "$(inside systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install: $(inside systemctl is-enabled secoda-agent)"
+    [ "$(inside systemctl is-active secoda-agent || true)" = "inactive" ] || fail "started on install"
+}
 # A web server inside the container, reached through the tunnel by name ("localhost").
 start_web() {
     web_port=$(free_port)
@@ -259,11 +268,7 @@ cp "$deb" "$ROOT/root/"
 
 step "Debian 12: install"
 inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/"$(basename "$deb")" >/dev/null
-inside getent passwd secoda-agent >/dev/null || fail "no secoda-agent user"
-[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent: $(inside stat -c '%U:%G %a' /etc/secoda-agent)"
-[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml permissions"
-[ "$(inside systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install"
-[ "$(inside systemctl is-active secoda-agent || true)" = "inactive" ] || fail "started on install"
+check_fresh_install
 ok "installed: user, permissions, not enabled, not started"
 
 verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service /lib/systemd/system/secoda-agent@eu.service 2>&1 || true)
@@ -496,11 +501,7 @@ cp "$rpm_file" "$rpm2" "$ROOT/root/"
 mkdir -p "$ROOT/etc/systemd/system-preset"
 echo 'disable *' > "$ROOT/etc/systemd/system-preset/99-default-disable.preset"
 inside rpm -ivh --nodeps --quiet /root/"$(basename "$rpm_file")" || fail "rpm -i"
-inside getent passwd secoda-agent >/dev/null || fail "%pre created no secoda-agent user"
-[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent: $(inside stat -c '%U:%G %a' /etc/secoda-agent)"
-[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml: $(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)"
-[ "$(inside systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install: $(inside systemctl is-enabled secoda-agent)"
-[ "$(inside systemctl is-active secoda-agent || true)" = "inactive" ] || fail "started on install"
+check_fresh_install
 ok "rpm -i: user created, permissions, unit disabled and not started"
 start_web
 install_key

@@ -52,20 +52,7 @@ async fn a_black_holed_server_is_declared_dead_and_the_tunnel_returns() {
     agent.wait_ready_from(seen).await;
     // Served again: curl from inside the namespace to a web server inside it.
     std::fs::write(agent.dir.path().join("index.html"), "back").unwrap();
-    let mut web = command_in(Some(&ns.name), "python3")
-        .args([
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(agent.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut web = ns.serve_http(agent.dir.path(), "127.0.0.1");
     let url = "http://localhost:8080/index.html";
     let proxy = format!("127.0.0.1:{listen}");
     let fetched = eventually(Duration::from_secs(10), || async {
@@ -148,20 +135,7 @@ async fn a_black_holed_first_address_falls_over_to_the_next() {
     );
     agent.wait_ready().await;
     std::fs::write(agent.dir.path().join("index.html"), "second address").unwrap();
-    let mut web = command_in(Some(&ns.name), "python3")
-        .args([
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "0.0.0.0",
-            "--directory",
-        ])
-        .arg(agent.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut web = ns.serve_http(agent.dir.path(), "0.0.0.0");
     let proxy = format!("127.0.0.1:{listen}");
     let fetched = eventually(Duration::from_secs(10), || async {
         let out = command_in(Some(&ns.name), "curl")

@@ -289,16 +289,15 @@ async fn sigterm_lets_a_transfer_finish_then_exits_0() {
     assert_eq!(status.code(), Some(0), "{}", agent.output());
 }
 
-#[tokio::test]
-async fn a_second_signal_exits_at_once() {
-    let sshd = Sshd::start();
+/// An agent told to stop (SIGTERM) while one idle echo channel would hold its drain for a
+/// minute; the channel is returned open.
+async fn draining_with_one_channel(sshd: &Sshd) -> (Agent, tokio::net::TcpStream) {
     let listen = free_port();
-    let mut agent =
-        Agent::start(&sshd.agent_toml(listen, "[forward]\nshutdown_timeout = \"60s\"\n"));
+    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nshutdown_timeout = \"60s\"\n"));
     agent.wait_ready().await;
     let echo = echo_server().await;
-    // An idle channel that would hold the drain for the whole minute.
-    let (_, idle) = socks5(listen, "127.0.0.1", echo.port()).await;
+    let (code, channel) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
     agent.signal(libc::SIGTERM);
     assert!(
         agent
@@ -310,6 +309,13 @@ async fn a_second_signal_exits_at_once() {
         "{}",
         agent.output()
     );
+    (agent, channel.unwrap())
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let sshd = Sshd::start();
+    let (mut agent, idle) = draining_with_one_channel(&sshd).await;
     let started = Instant::now();
     agent.signal(libc::SIGTERM);
     let status = agent
@@ -324,24 +330,7 @@ async fn a_second_signal_exits_at_once() {
 #[tokio::test]
 async fn sighup_while_stopping_leaves_the_drain_running() {
     let sshd = Sshd::start();
-    let listen = free_port();
-    let mut agent =
-        Agent::start(&sshd.agent_toml(listen, "[forward]\nshutdown_timeout = \"60s\"\n"));
-    agent.wait_ready().await;
-    let echo = echo_server().await;
-    let (code, held) = socks5(listen, "127.0.0.1", echo.port()).await;
-    assert_eq!(code, 0);
-    agent.signal(libc::SIGTERM);
-    assert!(
-        agent
-            .wait_output(
-                "waiting up to 60s for 1 open channels",
-                Duration::from_secs(5)
-            )
-            .await,
-        "{}",
-        agent.output()
-    );
+    let (mut agent, held) = draining_with_one_channel(&sshd).await;
     agent.signal(libc::SIGHUP);
     assert!(
         agent
@@ -352,7 +341,7 @@ async fn sighup_while_stopping_leaves_the_drain_running() {
     );
     // Still draining: the open channel carries its data to the end, then the agent stops.
     assert!(
-        echo_roundtrip(held.unwrap(), &payload(100_000, 3)).await,
+        echo_roundtrip(held, &payload(100_000, 3)).await,
         "the drain was cut: {}",
         agent.output()
     );

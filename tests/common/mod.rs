@@ -596,6 +596,19 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// `python3 -m http.server` on port 8080 at `bind` inside, serving `dir`; kill it when done.
+    pub fn serve_http(&self, dir: &Path, bind: &str) -> std::process::Child {
+        command_in(Some(&self.name), "python3")
+            .args(["-m", "http.server", "8080", "--bind", bind, "--directory"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")
