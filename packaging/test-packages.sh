@@ -6,6 +6,7 @@
 #   - boots Debian 11 (glibc 2.31, systemd 247) and runs the core checks there;
 #   - runs the .rpm's scriptlets for real in a booted Debian 12 with Debian's rpm (no
 #     RHEL-family system can be booted here): install, upgrade, erase;
+#   - runs the Ansible role's example playbook inside a booted Debian 12 (-c local);
 #   - installs the arm64 .deb with dpkg in an arm64 Debian 12 root filesystem and runs the
 #     aarch64 agent there under qemu-user (binfmt_misc): tunnel up, SOCKS5 by name, a
 #     byte-exact transfer.
@@ -116,8 +117,10 @@ fresh_root() {
     echo "$root"
 }
 
-# What the booted Debian 12 needs: systemd, busybox (httpd, kill), man-db, rpm (scriptlet test).
-BOOKWORM_PACKAGES=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates,rpm
+# What the booted Debian 12 needs: systemd, busybox (httpd, kill), man-db, rpm (scriptlet
+# test), ansible-core and sudo (the Ansible role's test; python3-cffi-backend by name, since
+# debootstrap does not resolve the virtual package python3-cryptography needs).
+BOOKWORM_PACKAGES=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates,rpm,ansible-core,python3-cffi-backend,sudo
 
 work=$(mktemp -d /tmp/secoda-pkgtest.XXXXXX)
 nspawn_pid=""
@@ -525,6 +528,64 @@ inside rpm -e secoda-agent || fail "rpm -e"
 [ ! -e "$ROOT/etc/systemd/system/multi-user.target.wants/secoda-agent.service" ] || fail "still enabled after erase"
 [ ! -e "$ROOT/usr/bin/secoda-agent" ] || fail "binary left after erase"
 ok "rpm -e: stopped, disabled, files gone"
+stop_container
+
+step "Ansible role: example playbook inside a booted Debian 12 (ansible-core, -c local)"
+root=$(fresh_root ansible bookworm amd64 "$BOOKWORM_PACKAGES")
+boot "$root"
+listen_port=$(free_port)
+eu_port=$(free_port)
+cp "$deb" "$ROOT/root/"
+cp -r packaging/ansible "$ROOT/root/ansible"
+start_web
+# Fleet-style: the key as key_base64 (from a vault), so the role's no_log path runs too.
+ansible_vars() {
+    cat <<VARS
+secoda_agent_package: /root/$(basename "$deb")
+secoda_agent_forward: {}
+secoda_agent_tunnel:
+  host: 127.0.0.1
+  port: $SSH_PORT
+  user: root
+  listen_port: $1
+  listen_address: 127.0.0.1
+  key_base64: "$(base64 -w0 "$AGENT_KEY")"
+  host_keys: ["$HOST_KEY_LINE"]
+  keepalive_interval: 5s
+  keepalive_max: 2
+VARS
+}
+playbook() {
+    inside env ANSIBLE_NOCOLOR=1 ansible-playbook -i localhost, -c local /root/ansible/example-playbook.yml "$@"
+}
+ansible_vars "$listen_port" > "$ROOT/root/vars.yml"
+playbook -e @/root/vars.yml > "$work/ansible-1.log" 2>&1 || fail "first run: $(tail -30 "$work/ansible-1.log")"
+wait_active
+check_connected
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml: $(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)"
+[ "$(inside systemctl is-enabled secoda-agent)" = enabled ] || fail "not enabled by the role"
+! grep -F "$(base64 -w0 "$AGENT_KEY" | cut -c1-40)" "$work/ansible-1.log" >/dev/null || fail "the key appears in Ansible's output"
+ok "first run: package installed, config root:secoda-agent 0640, unit enabled, tunnel through"
+playbook -e @/root/vars.yml > "$work/ansible-2.log" 2>&1 || fail "second run: $(tail -30 "$work/ansible-2.log")"
+grep -E "^localhost +: ok=[0-9]+ +changed=0 " "$work/ansible-2.log" >/dev/null || fail "second run changed something: $(tail -5 "$work/ansible-2.log")"
+ok "second run: changed=0"
+pid=$(inside systemctl show -p MainPID --value secoda-agent)
+ansible_vars 0 > "$ROOT/root/vars-bad.yml"
+if playbook -e @/root/vars-bad.yml > "$work/ansible-3.log" 2>&1; then fail "listen_port: 0 was accepted"; fi
+grep "check-config refused the new configuration.*listen_port" "$work/ansible-3.log" >/dev/null \
+    || fail "the play did not fail at validate with check-config's error: $(tail -20 "$work/ansible-3.log")"
+! grep -F "$(base64 -w0 "$AGENT_KEY" | cut -c1-40)" "$work/ansible-3.log" >/dev/null || fail "the key appears in Ansible's output"
+[ "$(inside systemctl show -p MainPID --value secoda-agent)" = "$pid" ] || fail "the agent was restarted by a failed play"
+grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail "a failed validate changed agent.toml"
+check_connected
+ok "listen_port: 0 fails at validate; the agent keeps serving (pid $pid)"
+ansible_vars "$eu_port" > "$ROOT/root/vars-eu.yml"
+playbook -e @/root/vars-eu.yml -e secoda_agent_instance=eu > "$work/ansible-4.log" 2>&1 || fail "instance run: $(tail -30 "$work/ansible-4.log")"
+wait_active secoda-agent@eu
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/eu.toml)" = "root:secoda-agent 640" ] || fail "eu.toml: $(inside stat -c '%U:%G %a' /etc/secoda-agent/eu.toml)"
+fetch_through "$eu_port" "curl through secoda-agent@eu"
+check_connected
+ok "secoda_agent_instance: eu brings up secoda-agent@eu beside the main unit"
 stop_container
 
 step "arm64: dpkg in an arm64 Debian 12 root filesystem, the agent under qemu-user"
