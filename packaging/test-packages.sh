@@ -167,6 +167,12 @@ boot() {
     ok "booted $(grep PRETTY_NAME "$root/etc/os-release" | cut -d'"' -f2), systemd $(inside systemctl --version | head -1 | cut -d' ' -f2) (init pid $init_pid)"
 }
 inside() { nsenter -t "$init_pid" -a "$@"; }
+# boot_fresh NAME RELEASE ARCH PACKAGES: boot a fresh copy of a cached root filesystem.
+boot_fresh() {
+    local root
+    root=$(fresh_root "$@") || exit 1
+    boot "$root"
+}
 # `systemctl status` exits 3 for a unit that is not active yet; only its text matters here.
 unit_status() { inside systemctl status "${1:-secoda-agent}" --no-pager -l -n 20 2>&1 || true; }
 # (Pipelines below end in `grep PATTERN >/dev/null`, not `grep -q`: under pipefail an early
@@ -263,8 +269,7 @@ check_purge() {
 }
 
 step "Debian 12: boot"
-root=$(fresh_root bookworm bookworm amd64 "$BOOKWORM_PACKAGES")
-boot "$root"
+boot_fresh bookworm bookworm amd64 "$BOOKWORM_PACKAGES"
 listen_port=$(free_port)
 eu_port=$(free_port)
 cp "$deb" "$ROOT/root/"
@@ -461,8 +466,7 @@ ok "purge leaves nothing behind"
 stop_container
 
 step "Debian 11 (glibc 2.31, systemd 247): core checks"
-root=$(fresh_root bullseye bullseye amd64 systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates)
-boot "$root"
+boot_fresh bullseye bullseye amd64 systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates
 listen_port=$(free_port)
 cp "$deb" "$ROOT/root/"
 inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/"$(basename "$deb")" >/dev/null \
@@ -495,8 +499,7 @@ step "rpm scriptlets in a booted Debian 12 (Debian's rpm, --nodeps)"
 mkdir -p "$work/rpm2"
 cargo generate-rpm --target x86_64-unknown-linux-gnu --payload-compress xz --set-metadata 'release = "2"' --output "$work/rpm2/" >/dev/null
 rpm2=$(ls "$work"/rpm2/*.rpm)
-root=$(fresh_root rpmhost bookworm amd64 "$BOOKWORM_PACKAGES")
-boot "$root"
+boot_fresh rpmhost bookworm amd64 "$BOOKWORM_PACKAGES"
 listen_port=$(free_port)
 cp "$rpm_file" "$rpm2" "$ROOT/root/"
 # RHEL-family systems ship a preset policy that leaves third-party units disabled (Debian's
@@ -531,8 +534,7 @@ ok "rpm -e: stopped, disabled, files gone"
 stop_container
 
 step "Ansible role: example playbook inside a booted Debian 12 (ansible-core, -c local)"
-root=$(fresh_root ansible bookworm amd64 "$BOOKWORM_PACKAGES")
-boot "$root"
+boot_fresh ansible bookworm amd64 "$BOOKWORM_PACKAGES"
 listen_port=$(free_port)
 eu_port=$(free_port)
 cp "$deb" "$ROOT/root/"
