@@ -456,14 +456,10 @@ pub async fn serve_channel(
         end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
     };
-    // Both sides sent EOF: the server closes the channel itself, and russh (0.65) forgets a
-    // channel only when the close comes from the server (one we start leaves its entry
-    // behind for good, with ours), so wait for that close; otherwise, or if it is late, close.
-    let closed_by_server = matches!(end, End::Normal)
-        && tokio::time::timeout(CHANNEL_CLOSE_WAIT, input.closed())
-            .await
-            .is_ok_and(|overflow| overflow.is_none());
-    if !closed_by_server {
+    // A normal end means both sides sent EOF: the server closes the channel.
+    if matches!(end, End::Normal) {
+        close_after_server(&channel, &mut input).await;
+    } else {
         let _ = channel.close().await;
     }
     drop(guard);
@@ -485,17 +481,25 @@ pub async fn serve_channel(
 }
 
 /// End a channel the agent will not serve (a bad or late SOCKS request, a denied or failed
-/// target) the way the normal path ends one: send EOF and let the server close it. russh
-/// (0.65) forgets a channel only when the close comes from the server; one the agent closed
-/// first stayed in its tables for good (about 4 KiB each). A server that has not closed within
-/// `CHANNEL_CLOSE_WAIT` gets our close after all. The channel no longer counts as open
-/// meanwhile.
+/// target) the way the normal path ends one: send EOF and let the server close it (see
+/// [`close_after_server`]). The channel no longer counts as open meanwhile.
 async fn refuse(channel: &ChannelWriteHalf<Msg>, input: &mut ChannelInput, guard: GaugeGuard) {
     drop(guard);
-    let closed_by_server = channel.eof().await.is_ok()
-        && tokio::time::timeout(CHANNEL_CLOSE_WAIT, input.closed())
-            .await
-            .is_ok_and(|overflow| overflow.is_none());
+    if channel.eof().await.is_ok() {
+        close_after_server(channel, input).await;
+    } else {
+        let _ = channel.close().await;
+    }
+}
+
+/// Once both sides sent EOF the server closes the channel itself; wait for that close.
+/// russh (0.65) forgets a channel only when the close comes from the server: one the agent
+/// closed first stayed in its tables for good (about 4 KiB each). A server that has not closed
+/// within `CHANNEL_CLOSE_WAIT` (or an overflow meanwhile) gets our close after all.
+async fn close_after_server(channel: &ChannelWriteHalf<Msg>, input: &mut ChannelInput) {
+    let closed_by_server = tokio::time::timeout(CHANNEL_CLOSE_WAIT, input.closed())
+        .await
+        .is_ok_and(|overflow| overflow.is_none());
     if !closed_by_server {
         let _ = channel.close().await;
     }
