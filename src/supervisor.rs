@@ -49,9 +49,9 @@ struct Supervisor {
     last_status: String,
     /// Set while the last reload failed: STATUS keeps saying so until a reload succeeds.
     reload_error: Option<String>,
-    /// READY=1 has been sent: at the first tunnel up, or at `ready_by` (see READY_WAIT_MAX).
-    ready: bool,
-    ready_by: tokio::time::Instant,
+    /// While READY=1 is still owed: when to send it even without a tunnel (READY_WAIT_MAX
+    /// after start). `None` once sent (the first tunnel up, a reload, or that moment).
+    ready_by: Option<tokio::time::Instant>,
 }
 
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
@@ -66,8 +66,7 @@ pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Co
         session: None,
         last_status: String::new(),
         reload_error: None,
-        ready: false,
-        ready_by: tokio::time::Instant::now() + READY_WAIT_MAX,
+        ready_by: Some(tokio::time::Instant::now() + READY_WAIT_MAX),
     };
     sup.main_loop().await;
 }
@@ -99,7 +98,7 @@ impl Supervisor {
         let result = loop {
             tokio::select! {
                 r = &mut attempt => break r,
-                _ = tokio::time::sleep_until(self.ready_by), if !self.ready => self.ready_while_down(),
+                _ = ready_due(self.ready_by) => self.ready_while_down(),
                 c = self.control.recv() => return self.on_control(c).await,
             }
         };
@@ -115,7 +114,7 @@ impl Supervisor {
                 let status = self.connected_status();
                 self.last_status = status.clone();
                 systemd::ready(&status);
-                self.ready = true;
+                self.ready_by = None;
                 Flow::Continue
             }
             Err(e) => {
@@ -179,7 +178,7 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return Flow::Continue,
-                _ = tokio::time::sleep_until(self.ready_by), if !self.ready => self.ready_while_down(),
+                _ = ready_due(self.ready_by) => self.ready_while_down(),
                 c = self.control.recv() => return self.on_control(c).await,
             }
         }
@@ -189,7 +188,7 @@ impl Supervisor {
     /// anyway, so that `systemctl start` and package scripts never wait on the network. STATUS
     /// and `secoda-agent status` keep saying that the tunnel is down, and why.
     fn ready_while_down(&mut self) {
-        self.ready = true;
+        self.ready_by = None;
         log::warn!(
             "no tunnel after {}s; the service counts as started and keeps retrying (see `secoda-agent status`)",
             READY_WAIT_MAX.as_secs()
@@ -212,7 +211,7 @@ impl Supervisor {
 
     async fn reload(&mut self) {
         // Every way out of a reload sends READY=1.
-        self.ready = true;
+        self.ready_by = None;
         systemd::reloading();
         log::info!("reloading configuration");
         let new = match config::load(&self.opts.sources) {
@@ -321,6 +320,14 @@ impl Supervisor {
             systemd::status(&status);
             self.last_status = status;
         }
+    }
+}
+
+/// Resolves at `ready_by`; never when READY=1 was already sent.
+async fn ready_due(ready_by: Option<tokio::time::Instant>) {
+    match ready_by {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
