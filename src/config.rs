@@ -921,6 +921,20 @@ pub fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("\"{s}\" is not a log level (error, warn, info, debug, trace)"))
 }
 
+/// Where the documented flow keeps credential `name`, encrypted (README "The key encrypted at
+/// rest").
+pub fn credential_file(name: &str) -> PathBuf {
+    Path::new(DEFAULT_CONFIG_PATH).with_file_name(format!("{name}.cred"))
+}
+
+/// The unit setting that hands the service credential `name` from [`credential_file`].
+pub fn credential_unit_setting(name: &str) -> String {
+    format!(
+        "LoadCredentialEncrypted={name}:{}",
+        credential_file(name).display()
+    )
+}
+
 /// The key systemd hands the unit as credential `name` (`LoadCredentialEncrypted=` or
 /// `LoadCredential=`): `$CREDENTIALS_DIRECTORY/name`, which only the service's processes see.
 fn load_key_credential(name: &str, at: &str, sources: &Sources) -> Result<ClientKey, String> {
@@ -934,17 +948,22 @@ fn load_key_credential(name: &str, at: &str, sources: &Sources) -> Result<Client
             "{at} = \"{name}\": not a credential name (letters, digits, '-', '_', '.', '@'; e.g. \"ssh-key\")"
         ));
     }
-    let unit = match &sources.instance {
-        Some(i) => format!("secoda-agent@{i}"),
-        None => "secoda-agent".to_string(),
+    let remedy = || {
+        let unit = match &sources.instance {
+            Some(i) => format!("secoda-agent@{i}"),
+            None => "secoda-agent".to_string(),
+        };
+        format!(
+            "the unit must provide it: `systemctl edit {unit}` and add [Service] {} (made with `systemd-creds encrypt --name={name} KEYFILE {}`; README: \"The key encrypted at rest\")",
+            credential_unit_setting(name),
+            credential_file(name).display()
+        )
     };
-    let remedy = format!(
-        "the unit must provide it: `systemctl edit {unit}` and add [Service] LoadCredentialEncrypted={name}:/etc/secoda-agent/{name}.cred (made with `systemd-creds encrypt --name={name} KEYFILE /etc/secoda-agent/{name}.cred`; README: \"The key encrypted at rest\")"
-    );
     let Some(dir) = &sources.credentials else {
         if sources.key_required {
             return Err(format!(
-                "{at} = \"{name}\": no systemd credentials here ($CREDENTIALS_DIRECTORY is not set): {remedy}"
+                "{at} = \"{name}\": no systemd credentials here ($CREDENTIALS_DIRECTORY is not set): {}",
+                remedy()
             ));
         }
         return Ok(ClientKey::InCredential(name.to_string()));
@@ -960,7 +979,8 @@ fn load_key_credential(name: &str, at: &str, sources: &Sources) -> Result<Client
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!(
-                "{at} = \"{name}\": the unit provides no credential \"{name}\" (none in $CREDENTIALS_DIRECTORY): {remedy}"
+                "{at} = \"{name}\": the unit provides no credential \"{name}\" (none in $CREDENTIALS_DIRECTORY): {}",
+                remedy()
             ))
         }
         Err(e) => {

@@ -313,7 +313,10 @@ async fn ssh(
     if let ClientKey::InCredential(name) = &t.key {
         r.skip(
             "authentication",
-            &format!("the key is in systemd credential \"{name}\", which only the service can read; to run every step with it: systemd-run --pipe --wait -p LoadCredentialEncrypted={name}:/etc/secoda-agent/{name}.cred secoda-agent doctor"),
+            &format!(
+                "the key is in systemd credential \"{name}\", which only the service can read; to run every step with it: systemd-run --pipe --wait -p {} secoda-agent doctor",
+                config::credential_unit_setting(name)
+            ),
         );
         r.skip("remote forward", "not authenticated");
         return;

@@ -162,15 +162,12 @@ impl client::Handler for Client {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         // Only for the one forward we asked for (the port is what identifies it: servers
-        // report the listen address in their own spelling).
-        if connected_port != u32::from(self.listen_port) {
+        // report the listen address in their own spelling), and not while retiring.
+        let ours = connected_port == u32::from(self.listen_port);
+        if !ours {
             log::warn!(error_class = "channel_refused"; "the server opened a forwarded-tcpip channel for {connected_address}:{connected_port}, which the agent never asked for (it listens on port {}); refused", self.listen_port);
-            reply
-                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
         }
-        if !self.accepting.load(Ordering::Acquire) {
+        if !ours || !self.accepting.load(Ordering::Acquire) {
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
