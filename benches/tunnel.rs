@@ -4,6 +4,8 @@
 //!     cargo bench --bench tunnel                 # full run (5 rounds; BENCH_ROUNDS=N)
 //!     BENCH_QUICK=1 cargo bench --bench tunnel   # small sizes, a smoke check
 //!     BENCH_CIPHER=aes256-gcm@openssh.com ...    # like for like: sshd offers only that cipher
+//!     BENCH_PROXY=squid ...                      # both through one squid (HTTP CONNECT);
+//!                                                # OpenSSH with ProxyCommand nc -X connect
 //!
 //! By default sshd makes its default cipher offer and each client chooses as it would in
 //! production; the cipher each side negotiated is read from sshd's log and printed.
@@ -161,10 +163,21 @@ impl Drop for Client {
     }
 }
 
-fn start_agent(sshd: &Sshd, listen: u16) -> Client {
+/// `BENCH_PROXY=squid`: both clients reach sshd through one squid on loopback.
+fn proxied() -> bool {
+    std::env::var("BENCH_PROXY").is_ok_and(|p| p == "squid")
+}
+
+fn start_agent(sshd: &Sshd, listen: u16, proxy: Option<u16>) -> Client {
     // Default max_pending: the agent paces the server when targets fall behind (see
     // transport.rs), so a sink descheduled for a moment no longer cuts the bulk upload.
-    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nmax_connections = 2048\n"));
+    let proxy = proxy
+        .map(|p| format!("proxy = \"http://127.0.0.1:{p}\"\n"))
+        .unwrap_or_default();
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        &format!("{proxy}[forward]\nmax_connections = 2048\n"),
+    ));
     Client {
         name: "agent",
         ssh: None,
@@ -172,7 +185,7 @@ fn start_agent(sshd: &Sshd, listen: u16) -> Client {
     }
 }
 
-fn start_openssh(sshd: &Sshd, listen: u16, cipher: Option<&str>) -> Client {
+fn start_openssh(sshd: &Sshd, listen: u16, cipher: Option<&str>, proxy: Option<u16>) -> Client {
     let mut extra = vec![
         "-o",
         "ServerAliveInterval=15",
@@ -181,6 +194,11 @@ fn start_openssh(sshd: &Sshd, listen: u16, cipher: Option<&str>) -> Client {
     ];
     if let Some(c) = cipher {
         extra.extend(["-c", c]);
+    }
+    // What an operator hand-builds today (netcat-openbsd).
+    let via = proxy.map(|p| format!("ProxyCommand=nc -X connect -x 127.0.0.1:{p} %h %p"));
+    if let Some(v) = &via {
+        extra.extend(["-o", v]);
     }
     let child = sshd.openssh_forward(listen, &extra).spawn().unwrap();
     Client {
@@ -484,9 +502,9 @@ async fn negotiated_ciphers(sshd_config: &str, cipher: Option<&str>) -> (String,
     for is_agent in [true, false] {
         let listen = free_port();
         let c = if is_agent {
-            start_agent(&probe, listen)
+            start_agent(&probe, listen, None)
         } else {
-            start_openssh(&probe, listen, cipher)
+            start_openssh(&probe, listen, cipher, None)
         };
         wait_listening(listen).await;
         drop(c);
@@ -515,6 +533,8 @@ async fn main() {
     };
     let (agent_cipher, ssh_cipher) = negotiated_ciphers(&sshd_config, forced.as_deref()).await;
     let sshd = Sshd::start_with(&sshd_config);
+    let squid = proxied().then(|| common::proxies::Squid::start(sshd.port, None));
+    let proxy = squid.as_ref().map(|s| s.port);
     let svc = services().await;
     let mut agent_rounds = Vec::new();
     let mut ssh_rounds = Vec::new();
@@ -528,9 +548,9 @@ async fn main() {
         for is_agent in order {
             let listen = free_port();
             let c = if is_agent {
-                start_agent(&sshd, listen)
+                start_agent(&sshd, listen, proxy)
             } else {
-                start_openssh(&sshd, listen, forced.as_deref())
+                start_openssh(&sshd, listen, forced.as_deref(), proxy)
             };
             wait_listening(listen).await;
             eprintln!("round {} {}", round + 1, c.name);
@@ -579,6 +599,9 @@ async fn main() {
         None => "sshd's default offer, each client's own preference".to_string(),
     };
     println!("\nsecoda-agent vs OpenSSH client, through one OpenSSH sshd; {offer}");
+    if proxy.is_some() {
+        println!("both through one squid (HTTP CONNECT); OpenSSH with ProxyCommand nc -X connect");
+    }
     println!("cipher negotiated (from sshd's log): agent {agent_cipher}, OpenSSH {ssh_cipher}");
     println!("medians of {} alternating rounds; bulk {} MiB each way; {} connects; {} pings; fan-out {} x {} KiB",
         sc.rounds, sc.bulk >> 20, sc.connects, sc.pings, sc.fanout, sc.fanout_size >> 10);
@@ -631,7 +654,8 @@ async fn main() {
         })
         .collect();
     let out = format!(
-        "{{\"forced_cipher\":{},\"cipher_agent\":\"{agent_cipher}\",\"cipher_openssh\":\"{ssh_cipher}\",\"rounds\":{},\"loopback_mibs\":{loopback:.1},\"cipher_mibs\":{{{}}},\"rows\":[{}]}}\n",
+        "{{\"proxy\":{},\"forced_cipher\":{},\"cipher_agent\":\"{agent_cipher}\",\"cipher_openssh\":\"{ssh_cipher}\",\"rounds\":{},\"loopback_mibs\":{loopback:.1},\"cipher_mibs\":{{{}}},\"rows\":[{}]}}\n",
+        proxy.is_some(),
         forced.as_ref().map(|c| format!("\"{c}\"")).unwrap_or("null".into()),
         sc.rounds,
         cipher_json.join(","),

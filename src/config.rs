@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use crate::constants::*;
 use crate::policy::Policy;
+use crate::proxy::{self, Proxy};
 
 /// The names the Docker image reads, in the order they are documented.
 pub const ENV_KEYS: &[&str] = &[
@@ -32,6 +33,7 @@ pub const ENV_KEYS: &[&str] = &[
     "SSH_KEY_CREDENTIAL",
     "SSH_USER",
     "SSH_HOST_KEY",
+    "SSH_PROXY",
 ];
 
 /// Where the configuration comes from. `None` paths mean "the default, if it exists".
@@ -85,6 +87,19 @@ pub struct TunnelConfig {
     pub host_keys: Vec<PublicKey>,
     pub keepalive_interval: Duration,
     pub keepalive_max: u32,
+    /// `None`: connect to the server directly.
+    pub proxy: Option<Proxy>,
+}
+
+impl TunnelConfig {
+    /// `host:port` of the server, and the proxy it is reached through: for logs and STATUS.
+    pub fn route(&self) -> String {
+        let server = crate::proxy::host_port(&self.host, self.port);
+        match &self.proxy {
+            Some(p) => format!("{server} via {}", p.endpoint()),
+            None => server,
+        }
+    }
 }
 
 /// Settings applied per channel: they change live on reload.
@@ -243,6 +258,7 @@ struct RawTunnel {
     host_keys: Option<Vec<String>>,
     keepalive_interval: Option<String>,
     keepalive_max: Option<i64>,
+    proxy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -503,6 +519,50 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         }
     };
 
+    // A proxy URL may carry a password: the file holding it must then be private, as for a key.
+    let proxy = match env_val(&["SSH_PROXY"]).or_else(|| {
+        t.proxy.clone().map(|v| Val {
+            value: v,
+            at: toml_at("tunnel", "proxy"),
+        })
+    }) {
+        None => None,
+        Some(v) if v.value.trim().is_empty() => None,
+        Some(v) => match Proxy::parse(v.value.trim()) {
+            Ok(p) => {
+                let file = if sources.env.contains_key("SSH_PROXY") {
+                    None
+                } else if env_file.contains_key("SSH_PROXY") {
+                    Some((&env_path, &env_name, "SSH_PROXY with a password"))
+                } else {
+                    Some((&toml_path, &toml_name, "[tunnel] proxy with a password"))
+                };
+                match file {
+                    Some((path, name, holds)) if p.has_credentials() => {
+                        match private_to_group(path, name, holds) {
+                            Ok(()) => Some(p),
+                            Err(e) => {
+                                errors.push(e);
+                                None
+                            }
+                        }
+                    }
+                    _ => Some(p),
+                }
+            }
+            Err(e) => {
+                errors.push(format!("{}: {e}", v.at));
+                None
+            }
+        },
+    };
+    if matches!(&proxy, Some(p) if p.scheme == proxy::Scheme::Socks5) && host.len() > 255 {
+        errors.push(format!(
+            "the tunnel host name is {} bytes; a SOCKS5 proxy takes at most 255",
+            host.len()
+        ));
+    }
+
     let f = &raw.forward;
     let connect_timeout = duration_setting(
         &f.connect_timeout,
@@ -597,6 +657,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             host_keys,
             keepalive_interval,
             keepalive_max,
+            proxy,
         },
         forward: ForwardConfig {
             connect_timeout,
@@ -633,6 +694,7 @@ impl Config {
         format!(
             "configuration OK (from {origin})\n\
              server:        {user}@{host}:{port}\n\
+             proxy:         {proxy}\n\
              remote listen: {la}:{lp}\n\
              client key:    {key}\n\
              host key pins: {pins}\n\
@@ -646,6 +708,10 @@ impl Config {
             user = t.user,
             host = t.host,
             port = t.port,
+            proxy = match &t.proxy {
+                Some(p) => p.to_string(),
+                None => "none (direct)".to_string(),
+            },
             la = t.listen_address,
             lp = t.listen_port,
             key = t.key,

@@ -45,6 +45,11 @@ pub const READY_WAIT_MAX: Duration = Duration::from_secs(30);
 pub const CONNECT_STAGGER: Duration = Duration::from_millis(250);
 /// TCP connect to the SSH server (all of its addresses).
 pub const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Through a proxy, resolving and connecting to the proxy and its answer to our CONNECT (or
+/// SOCKS5 request) together: the proxy's own connect to the server is inside this.
+pub const PROXY_CONNECT_TIMEOUT: Duration = SSH_CONNECT_TIMEOUT;
+/// A proxy's answer to CONNECT longer than this is not one.
+pub const PROXY_MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// From TCP connect to an authenticated session with the forward in place. A server that
 /// accepts TCP and then says nothing (Secoda's "stuck on the version number") ends here.
 pub const SSH_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);

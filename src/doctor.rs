@@ -14,9 +14,11 @@ use tokio::net::TcpStream;
 
 use crate::config::{self, ClientKey, Config, Sources};
 use crate::constants::DOCTOR_STEP_TIMEOUT;
+use crate::error::TunnelError;
+use crate::proxy::{self, Proxy};
 use crate::status;
 use crate::telemetry::State;
-use crate::tunnel::{authenticate, fingerprint, ssh_config};
+use crate::tunnel::{authenticate, fingerprint, open_tcp, ssh_config};
 
 /// Exit codes: 0 every hard step passed, 1 one failed, 78 the configuration is invalid.
 pub mod exit {
@@ -96,9 +98,8 @@ pub async fn run(sources: &Sources, socket: &Path) -> u8 {
         ),
     }
 
-    let reached = network(&mut r, &cfg).await;
-    if let Some(addr) = reached {
-        ssh(&mut r, &cfg, addr, running.as_ref()).await;
+    if let Some(route) = network(&mut r, &cfg).await {
+        ssh(&mut r, &cfg, route, running.as_ref()).await;
     }
     targets(&mut r, &cfg).await;
 
@@ -116,10 +117,20 @@ pub async fn run(sources: &Sources, socket: &Path) -> u8 {
     }
 }
 
-/// Resolve, connect, and wait for the SSH version line. The address that answered, if any.
-async fn network(r: &mut Report, cfg: &Config) -> Option<SocketAddr> {
+/// How the SSH step reaches the server again: the address that answered, or the proxy.
+enum Route {
+    Direct(SocketAddr),
+    Proxy,
+}
+
+/// Resolve, connect (directly or through the proxy), and wait for the SSH version line.
+async fn network(r: &mut Report, cfg: &Config) -> Option<Route> {
     let t = &cfg.tunnel;
-    let server = format!("{}:{}", t.host, t.port);
+    let server = proxy::host_port(&t.host, t.port);
+    if let Some(p) = &t.proxy {
+        let tcp = through_proxy(r, p, &server, t).await?;
+        return banner(r, tcp, &server).await.then_some(Route::Proxy);
+    }
     let started = Instant::now();
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(
         DOCTOR_STEP_TIMEOUT,
@@ -169,7 +180,7 @@ async fn network(r: &mut Report, cfg: &Config) -> Option<SocketAddr> {
             }
         }
     }
-    let Some((addr, mut tcp)) = connected else {
+    let Some((addr, tcp)) = connected else {
         let remedy = if timed_out {
             "outbound traffic to this port is probably blocked by a firewall: allow it, or ask Secoda for an allow-listed port"
         } else {
@@ -180,7 +191,85 @@ async fn network(r: &mut Report, cfg: &Config) -> Option<SocketAddr> {
         return None;
     };
 
-    // The server speaks first: "SSH-2.0-...\r\n".
+    banner(r, tcp, &server).await.then_some(Route::Direct(addr))
+}
+
+/// The proxy steps: reach the proxy, then have it connect us to the server.
+async fn through_proxy(
+    r: &mut Report,
+    p: &Proxy,
+    server: &str,
+    t: &config::TunnelConfig,
+) -> Option<TcpStream> {
+    let started = Instant::now();
+    let mut tcp = match tokio::time::timeout(DOCTOR_STEP_TIMEOUT, proxy::reach(p)).await {
+        Ok(Ok((tcp, addr))) => {
+            r.ok(
+                "proxy",
+                format!("{p} at {addr} accepted ({})", secs(started)),
+            );
+            tcp
+        }
+        Ok(Err(e)) => {
+            r.fail(
+                "proxy",
+                e.to_string(),
+                "check the proxy's host and port in [tunnel] proxy / SSH_PROXY, and that this host may connect to it",
+            );
+            r.skip("proxy handshake", "no connection to the proxy");
+            r.skip("ssh banner", "no connection to the proxy");
+            return None;
+        }
+        Err(_) => {
+            r.fail(
+                "proxy",
+                format!("{p}: no connection within {DOCTOR_STEP_TIMEOUT:?}"),
+                "a firewall probably drops traffic to the proxy: check its address, or ask the network's administrators",
+            );
+            r.skip("proxy handshake", "no connection to the proxy");
+            r.skip("ssh banner", "no connection to the proxy");
+            return None;
+        }
+    };
+    let started = Instant::now();
+    let remedy = match tokio::time::timeout(
+        DOCTOR_STEP_TIMEOUT,
+        proxy::handshake(&mut tcp, p, &t.host, t.port),
+    )
+    .await
+    {
+        Ok(Ok(())) => {
+            r.ok(
+                "proxy handshake",
+                format!("{p} connected us to {server} ({})", secs(started)),
+            );
+            return Some(tcp);
+        }
+        Ok(Err(e)) => {
+            let remedy = match &e {
+                TunnelError::ProxyAuth { .. } => "fix the user and password in the proxy URL (percent-encode @ : % as %40 %3A %25)".to_string(),
+                TunnelError::ProxyRefused { .. } => format!("ask the proxy's administrators to allow CONNECT to {server}, or ask Secoda for a tunnel on port 443"),
+                _ => "check the scheme (http:// or socks5://), host and port of [tunnel] proxy / SSH_PROXY".to_string(),
+            };
+            r.fail("proxy handshake", e.to_string(), remedy);
+            r.skip("ssh banner", "the proxy did not connect us");
+            return None;
+        }
+        Err(_) => {
+            format!("{p} did not answer the request for {server} within {DOCTOR_STEP_TIMEOUT:?}")
+        }
+    };
+    r.fail(
+        "proxy handshake",
+        remedy,
+        "the proxy cannot reach the server, or is overloaded: ask its administrators",
+    );
+    r.skip("ssh banner", "the proxy did not connect us");
+    None
+}
+
+/// The server speaks first: "SSH-2.0-...\r\n". Whether a version line arrived.
+async fn banner(r: &mut Report, mut tcp: TcpStream, server: &str) -> bool {
     let started = Instant::now();
     let mut line = Vec::new();
     let read = tokio::time::timeout(DOCTOR_STEP_TIMEOUT, async {
@@ -205,11 +294,11 @@ async fn network(r: &mut Report, cfg: &Config) -> Option<SocketAddr> {
                 format!("{server} accepted the connection but sent no SSH version line within {DOCTOR_STEP_TIMEOUT:?}"),
                 "this is what Secoda's troubleshooting calls \"stuck on the version number\": a firewall, proxy or DPI box intercepts outbound traffic; allow this host to reach the server directly",
             );
-            None
+            false
         }
         _ if text.starts_with("SSH-") => {
             r.ok("ssh banner", format!("{text} ({})", secs(started)));
-            Some(addr)
+            true
         }
         _ => {
             r.fail(
@@ -217,7 +306,7 @@ async fn network(r: &mut Report, cfg: &Config) -> Option<SocketAddr> {
                 format!("{server} answered, but not as an SSH server: {:?}", text),
                 "check [tunnel] host and port: something else listens there (a proxy, a web server?)",
             );
-            None
+            false
         }
     }
 }
@@ -250,7 +339,7 @@ impl client::Handler for Probe {
 async fn ssh(
     r: &mut Report,
     cfg: &Config,
-    addr: SocketAddr,
+    route: Route,
     running: Option<&crate::telemetry::Snapshot>,
 ) {
     let t = &cfg.tunnel;
@@ -262,7 +351,12 @@ async fn ssh(
     };
     let started = Instant::now();
     let handshake = async {
-        let tcp = TcpStream::connect(addr).await?;
+        let tcp = match route {
+            Route::Direct(addr) => TcpStream::connect(addr).await?,
+            Route::Proxy => open_tcp(t)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?,
+        };
         client::connect_stream(Arc::new(ssh_config(t)), tcp, probe).await
     };
     let handshake = tokio::time::timeout(DOCTOR_STEP_TIMEOUT, handshake).await;

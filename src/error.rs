@@ -47,6 +47,29 @@ pub enum TunnelError {
 
     #[error("the SSH session was lost: {reason}")]
     Lost { reason: String },
+
+    #[error("cannot reach the proxy {proxy}: {reason} (check [tunnel] proxy / SSH_PROXY, and that this host may connect to the proxy)")]
+    ProxyUnreachable { proxy: String, reason: String },
+
+    #[error("the proxy {proxy} did not connect us to the tunnel server within {timeout:?} (is it overloaded, or is the address a black hole?)")]
+    ProxyTimeout { proxy: String, timeout: Duration },
+
+    #[error("the proxy {proxy} refused authentication: {detail}; check the user and password in [tunnel] proxy / SSH_PROXY (percent-encode @ : % as %40 %3A %25)")]
+    ProxyAuth { proxy: String, detail: String },
+
+    #[error("the proxy {proxy} refused to connect to {target}: {reason}; ask the proxy's administrators to allow CONNECT to {target}, or ask Secoda for a tunnel on port 443")]
+    ProxyRefused {
+        proxy: String,
+        target: String,
+        reason: String,
+    },
+
+    #[error("the proxy {proxy} did not answer as {expected} proxy: {detail} (check the scheme, host and port in [tunnel] proxy / SSH_PROXY)")]
+    ProxyProtocol {
+        proxy: String,
+        expected: &'static str,
+        detail: String,
+    },
 }
 
 impl TunnelError {
@@ -64,6 +87,11 @@ impl TunnelError {
             TunnelError::KeepaliveTimeout { .. } => "keepalive_timeout",
             TunnelError::Wedged { .. } => "wedged",
             TunnelError::Lost { .. } => "lost",
+            TunnelError::ProxyUnreachable { .. } => "proxy_unreachable",
+            TunnelError::ProxyTimeout { .. } => "proxy_timeout",
+            TunnelError::ProxyAuth { .. } => "proxy_auth",
+            TunnelError::ProxyRefused { .. } => "proxy_refused",
+            TunnelError::ProxyProtocol { .. } => "proxy_protocol",
         }
     }
 }

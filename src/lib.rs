@@ -15,6 +15,7 @@ pub mod forward;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod socks;
 pub mod status;
 pub mod supervisor;

@@ -161,8 +161,7 @@ fn run(
         if let Some(interval) = systemd::watchdog_interval() {
             tokio::spawn(systemd::watchdog(interval, systemd::watchdog_ping));
         }
-        let (server, listen) = supervisor::endpoints(&cfg);
-        let telemetry = Telemetry::new(instance.clone(), server, listen);
+        let telemetry = Telemetry::new(instance.clone(), supervisor::endpoints(&cfg));
         serve_status(&instance, &telemetry).await;
         if let Some(addr) = cfg.metrics.listen {
             match tokio::net::TcpListener::bind(addr).await {

@@ -141,6 +141,9 @@ pub fn render(s: &Snapshot) -> String {
         "  server:     {}, listening there on {}\n",
         s.server, s.listen
     );
+    if let Some(proxy) = &s.proxy {
+        out += &format!("  proxy:      {proxy}\n");
+    }
     match s.connected_since {
         Some(t) => {
             out += &format!(

@@ -11,9 +11,9 @@ use crate::config::{self, Config, Sources};
 use crate::constants::{BACKOFF_RESET_AFTER, READY_WAIT_MAX, REPEAT_LOG_LIMIT};
 use crate::error::TunnelError;
 use crate::forward::Forwarder;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Endpoints, Telemetry};
 use crate::tunnel::{self, Session};
-use crate::{logging, systemd};
+use crate::{logging, proxy, systemd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
@@ -89,7 +89,7 @@ impl Supervisor {
         // While failures repeat, STATUS keeps saying the last one rather than "connecting".
         if self.failures.last.is_none() {
             let t = &self.cfg.tunnel;
-            self.set_status(format!("connecting to {}:{}", t.host, t.port));
+            self.set_status(format!("connecting to {}", t.route()));
             self.opts.telemetry.connecting();
         }
         let tunnel_cfg = self.cfg.tunnel.clone();
@@ -248,8 +248,7 @@ impl Supervisor {
         if new.metrics != self.cfg.metrics {
             log::warn!("[metrics] changed: the metrics endpoint moves at the next restart");
         }
-        let (server, listen) = endpoints(&new);
-        self.opts.telemetry.set_endpoints(server, listen);
+        self.opts.telemetry.set_endpoints(endpoints(&new));
         self.cfg = new;
         if tunnel_changed {
             log::info!("tunnel settings changed: opening a new session; open channels of the old one may finish");
@@ -268,7 +267,7 @@ impl Supervisor {
             // The reload is done once the new settings are in force: READY=1 now, so that
             // `systemctl reload` never waits on the network. STATUS follows the new session.
             let t = &self.cfg.tunnel;
-            let status = format!("connecting to {}:{}", t.host, t.port);
+            let status = format!("connecting to {}", t.route());
             self.last_status = status.clone();
             systemd::ready(&status);
         } else {
@@ -339,13 +338,14 @@ async fn second_stop(control: &mut mpsc::UnboundedReceiver<Control>) {
     }
 }
 
-/// `host:port` of the server and `address:port` of the remote listener, as `status` shows them.
-pub fn endpoints(cfg: &Config) -> (String, String) {
+/// The server, the remote listener and the proxy, as `status` and the metrics show them.
+pub fn endpoints(cfg: &Config) -> Endpoints {
     let t = &cfg.tunnel;
-    (
-        format!("{}:{}", t.host, t.port),
-        format!("{}:{}", t.listen_address, t.listen_port),
-    )
+    Endpoints {
+        server: proxy::host_port(&t.host, t.port),
+        listen: proxy::host_port(&t.listen_address, t.listen_port),
+        proxy: t.proxy.as_ref().map(|p| p.endpoint()),
+    }
 }
 
 /// The STATUS line while connected, after the note of a failed reload if there is one.
@@ -353,9 +353,8 @@ fn status_line(cfg: &Config, s: &Session, note: Option<&str>) -> String {
     let (addr, port) = &s.listen;
     let n = s.open_channels();
     let line = format!(
-        "connected to {}:{}, listening on {addr}:{port}, {n} active connection{}",
-        cfg.tunnel.host,
-        cfg.tunnel.port,
+        "connected to {}, listening on {addr}:{port}, {n} active connection{}",
+        cfg.tunnel.route(),
         if n == 1 { "" } else { "s" }
     );
     match note {

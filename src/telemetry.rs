@@ -49,6 +49,9 @@ pub struct Snapshot {
     pub server: String,
     /// Where the server listens for Secoda's connections, `address:port`.
     pub listen: String,
+    /// The proxy the tunnel goes through (`scheme://host:port`, no credentials), if any.
+    #[serde(default)]
+    pub proxy: Option<String>,
     /// Unix seconds; set while the tunnel is up.
     pub connected_since: Option<u64>,
     /// Sessions established after the first one.
@@ -81,6 +84,24 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// Which server and proxy the tunnel uses (`proxy` is empty when it connects directly).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    server: String,
+    proxy: String,
+}
+
+/// Where the tunnel goes, as `status` and the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    /// `host:port` of the SSH server.
+    pub server: String,
+    /// Where the server listens for Secoda's connections, `address:port`.
+    pub listen: String,
+    /// `scheme://host:port` of the proxy, without credentials.
+    pub proxy: Option<String>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
@@ -90,6 +111,7 @@ struct DirectionLabels {
 pub struct Metrics {
     registry: Registry,
     tunnel_up: PromGauge,
+    route: Family<RouteLabels, PromGauge>,
     reconnects: Counter,
     session_age: PromGauge<f64, AtomicU64>,
     channels_active: PromGauge,
@@ -104,6 +126,7 @@ impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("secoda_agent");
         let tunnel_up = PromGauge::default();
+        let route = Family::<RouteLabels, PromGauge>::default();
         let reconnects = Counter::default();
         let session_age = PromGauge::<f64, AtomicU64>::default();
         let channels_active = PromGauge::default();
@@ -117,6 +140,11 @@ impl Metrics {
             "tunnel_up",
             "1 while the SSH session is established with the remote forward in place",
             tunnel_up.clone(),
+        );
+        registry.register(
+            "tunnel_route",
+            "1 for the SSH server and the proxy (empty: none) the tunnel goes through",
+            route.clone(),
         );
         registry.register(
             "reconnects",
@@ -166,6 +194,7 @@ impl Metrics {
         Metrics {
             registry,
             tunnel_up,
+            route,
             reconnects,
             session_age,
             channels_active,
@@ -180,12 +209,21 @@ impl Metrics {
     pub fn channel_outcome(&self, outcome: &'static str) {
         self.opened.get_or_create(&OutcomeLabels { outcome }).inc();
     }
+
+    fn set_route(&self, e: &Endpoints) {
+        self.route.clear();
+        self.route
+            .get_or_create(&RouteLabels {
+                server: e.server.clone(),
+                proxy: e.proxy.clone().unwrap_or_default(),
+            })
+            .set(1);
+    }
 }
 
 struct Inner {
     state: State,
-    server: String,
-    listen: String,
+    endpoints: Endpoints,
     connected: Option<(SystemTime, Instant)>,
     sessions: u64,
     last_error: Option<LastError>,
@@ -241,13 +279,14 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl Telemetry {
-    pub fn new(instance: Option<String>, server: String, listen: String) -> Arc<Self> {
+    pub fn new(instance: Option<String>, endpoints: Endpoints) -> Arc<Self> {
+        let metrics = Metrics::new();
+        metrics.set_route(&endpoints);
         Arc::new(Telemetry {
             instance,
             inner: Mutex::new(Inner {
                 state: State::Connecting,
-                server,
-                listen,
+                endpoints,
                 connected: None,
                 sessions: 0,
                 last_error: None,
@@ -255,15 +294,14 @@ impl Telemetry {
             channels: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
             active: Arc::new(Gauge::default()),
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 
     /// The tunnel's endpoints, when a reload changes them.
-    pub fn set_endpoints(&self, server: String, listen: String) {
-        let mut i = lock(&self.inner);
-        i.server = server;
-        i.listen = listen;
+    pub fn set_endpoints(&self, endpoints: Endpoints) {
+        self.metrics.set_route(&endpoints);
+        lock(&self.inner).endpoints = endpoints;
     }
 
     pub fn connecting(&self) {
@@ -341,8 +379,9 @@ impl Telemetry {
             pid: std::process::id(),
             instance: self.instance.clone(),
             state: i.state,
-            server: i.server.clone(),
-            listen: i.listen.clone(),
+            server: i.endpoints.server.clone(),
+            listen: i.endpoints.listen.clone(),
+            proxy: i.endpoints.proxy.clone(),
             connected_since: i.connected.map(|(t, _)| unix(t)),
             reconnects: i.sessions.saturating_sub(1),
             last_error: i.last_error.clone(),

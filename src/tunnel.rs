@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use russh::client::{self, Handle, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{cipher, Channel, ChannelId, Preferred};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::config::TunnelConfig;
@@ -23,6 +24,7 @@ use crate::connect;
 use crate::constants::*;
 use crate::error::TunnelError;
 use crate::forward::{self, ChannelContext, Forwarder, Gauge, GaugeGuard, Inbox};
+use crate::proxy;
 use crate::transport::{Backlog, Intake, Transport};
 
 /// Handler errors: russh's own, or our verdict on the host key.
@@ -401,9 +403,31 @@ pub(crate) fn ssh_config(t: &TunnelConfig) -> client::Config {
     }
 }
 
-/// Connect, authenticate and request the forward. Every failure is classified.
-pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
-    let server = format!("{}:{}", t.host, t.port);
+/// The TCP connection that will carry the SSH session: to the server itself, or through the
+/// configured proxy. Every failure is classified.
+pub(crate) async fn open_tcp(t: &TunnelConfig) -> Result<TcpStream, TunnelError> {
+    match &t.proxy {
+        None => connect_direct(t).await,
+        Some(proxy) => {
+            let through = async {
+                let (mut tcp, _) = proxy::reach(proxy).await?;
+                proxy::handshake(&mut tcp, proxy, &t.host, t.port).await?;
+                Ok(tcp)
+            };
+            tokio::time::timeout(PROXY_CONNECT_TIMEOUT, through)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TunnelError::ProxyTimeout {
+                        proxy: proxy.to_string(),
+                        timeout: PROXY_CONNECT_TIMEOUT,
+                    })
+                })
+        }
+    }
+}
+
+async fn connect_direct(t: &TunnelConfig) -> Result<TcpStream, TunnelError> {
+    let server = proxy::host_port(&t.host, t.port);
     let addrs: Vec<_> = match tokio::time::timeout(
         SSH_CONNECT_TIMEOUT,
         tokio::net::lookup_host((t.host.as_str(), t.port)),
@@ -431,29 +455,31 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         });
     }
     // The addresses race (see connect.rs), all within SSH_CONNECT_TIMEOUT.
-    let tcp = match tokio::time::timeout(
+    match tokio::time::timeout(
         SSH_CONNECT_TIMEOUT,
         connect::first_of(&addrs, CONNECT_STAGGER),
     )
     .await
     {
-        Ok(Ok((s, _))) => s,
+        Ok(Ok((s, _))) => Ok(s),
         Ok(Err(errors)) => {
             let (addr, e) = errors.last().ok_or_else(|| TunnelError::ConnectTimeout {
                 server: server.clone(),
             })?;
-            return Err(TunnelError::Connect {
+            Err(TunnelError::Connect {
                 server: server.clone(),
                 via: via(&server, *addr),
                 reason: e.to_string(),
-            });
-        }
-        Err(_) => {
-            return Err(TunnelError::ConnectTimeout {
-                server: server.clone(),
             })
         }
-    };
+        Err(_) => Err(TunnelError::ConnectTimeout { server }),
+    }
+}
+
+/// Connect, authenticate and request the forward. Every failure is classified.
+pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
+    let server = t.route();
+    let tcp = open_tcp(t).await?;
     tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
         server: server.clone(),
         via: String::new(),

@@ -13,6 +13,11 @@ command -v python3 >/dev/null || missing+=(python3)
 # Fault tests black-hole the server with nft inside a network namespace (ip netns).
 command -v nft >/dev/null || missing+=(nftables)
 command -v ip >/dev/null || missing+=(iproute2)
+# Proxy tests run real proxies on loopback: squid (HTTP CONNECT) and Dante (SOCKS5); openssl
+# hashes their test passwords.
+command -v squid >/dev/null || missing+=(squid)
+command -v danted >/dev/null || missing+=(dante-server)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq

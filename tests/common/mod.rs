@@ -15,6 +15,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod proxies;
+
 pub const SSHD: &str = "/usr/sbin/sshd";
 
 pub fn free_port() -> u16 {
@@ -312,6 +314,20 @@ fn secrets_in(text: &str) -> Vec<String> {
                         .map(String::from),
                 );
             }
+        } else if let Some(password) = url_password(&value) {
+            // A proxy URL's password, and the basic-auth token it would be sent as.
+            let user = value
+                .split_once("://")
+                .unwrap()
+                .1
+                .split(':')
+                .next()
+                .unwrap();
+            use base64::Engine;
+            secrets.push(
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")),
+            );
+            secrets.push(password);
         } else if (line.contains("KEY_BASE64") || line.trim_start().starts_with("key_base64"))
             && value.len() > 20
         {
@@ -319,6 +335,14 @@ fn secrets_in(text: &str) -> Vec<String> {
         }
     }
     secrets
+}
+
+/// The password in `scheme://user:password@host:port`, when it is long enough to search for.
+fn url_password(value: &str) -> Option<String> {
+    let (_, rest) = value.split_once("://")?;
+    let (userinfo, _) = rest.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    (password.len() >= 6).then(|| password.to_string())
 }
 
 /// The agent binary under test; `SECODA_AGENT_BIN` points the benchmark at another build
