@@ -35,8 +35,8 @@ struct Scale {
     fanout: usize,
     fanout_size: usize,
     rounds: usize,
-    /// `BENCH_ONLY=upload|download|bulk|latency|fanout` (comma-separated; `bulk` is both
-    /// directions): skip the other measures, for tuning one thing quickly.
+    /// `BENCH_ONLY=upload|download|bulk|latency|fanout|idle|slow|mixed` (comma-separated;
+    /// `bulk` is both directions): skip the other measures, for tuning one thing quickly.
     only: Option<String>,
 }
 
@@ -87,15 +87,50 @@ fn scale() -> Scale {
 /// The client side's services: a sink that answers with the byte count, a source that sends
 /// as many bytes as asked, an echo.
 struct Services {
+    /// Reads no faster than `SLOW_SINK_MIBS` (a database ingesting a COPY), then answers with
+    /// the byte count.
+    slow_sink: u16,
     sink: u16,
     source: u16,
     echo: u16,
 }
 
+/// The slow target's pace, MiB/s, and what is sent to it.
+const SLOW_SINK_MIBS: u64 = 16;
+const SLOW_UPLOAD: u64 = 256 << 20;
+/// Paced ping-pong: one 100-byte exchange every this long.
+const PING_EVERY: Duration = Duration::from_millis(10);
+
 async fn services() -> Services {
+    let slow_sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_sink_port = slow_sink.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = slow_sink.accept().await {
+            tokio::spawn(async move {
+                // 64 KiB reads, each followed by the pause that keeps the average at the pace;
+                // a small receive buffer so TCP holds the rest back, as a busy database does.
+                let _ = socket2::SockRef::from(&s).set_recv_buffer_size(64 << 10);
+                let mut buf = vec![0u8; 64 << 10];
+                let start = Instant::now();
+                let mut n = 0u64;
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                    let due = Duration::from_secs_f64(n as f64 / (SLOW_SINK_MIBS << 20) as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
     let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let source = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ports = Services {
+        slow_sink: slow_sink_port,
         sink: sink.local_addr().unwrap().port(),
         source: source.local_addr().unwrap().port(),
         echo: echo_server().await.port(),
@@ -294,6 +329,16 @@ struct Round {
     sshd_cpu_s_per_gib: f64,
     rss_idle_mib: f64,
     rss_fanout_mib: f64,
+    idle_ping_p50_ms: f64,
+    idle_ping_p99_ms: f64,
+    slow_ping_p50_ms: f64,
+    slow_ping_p99_ms: f64,
+    slow_download_mibs: f64,
+    slow_upload_exact: f64,
+    slow_rss_peak_mib: f64,
+    mixed_ping_p50_ms: f64,
+    mixed_ping_p99_ms: f64,
+    mixed_bulk_mibs: f64,
 }
 
 async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
@@ -308,7 +353,137 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
     if sc.runs("fanout") {
         fanout(pid, listen, svc, sc, &mut r).await;
     }
+    if sc.runs("idle") {
+        let mut lat = paced_pings(listen, svc.echo, 300).await;
+        r.idle_ping_p50_ms = percentile(&mut lat, 0.5);
+        r.idle_ping_p99_ms = percentile(&mut lat, 0.99);
+    }
+    if sc.runs("slow") {
+        slow_target(pid, listen, svc, &mut r).await;
+    }
+    if sc.runs("mixed") {
+        mixed(listen, svc, &mut r).await;
+    }
     r
+}
+
+/// One channel, a 100-byte exchange every `PING_EVERY`, `count` times: the latencies, ms.
+async fn paced_pings(listen: u16, echo: u16, count: usize) -> Vec<f64> {
+    let (code, s) = socks5(listen, "127.0.0.1", echo).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let msg = [7u8; 100];
+    let mut back = [0u8; 100];
+    let mut lat = Vec::with_capacity(count);
+    let mut tick = tokio::time::interval(PING_EVERY);
+    for _ in 0..count {
+        tick.tick().await;
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat
+}
+
+/// Pings until `stop` is set: the latencies, ms.
+async fn pings_until(
+    listen: u16,
+    echo: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<f64> {
+    let (code, s) = socks5(listen, "127.0.0.1", echo).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let msg = [7u8; 100];
+    let mut back = [0u8; 100];
+    let mut lat = Vec::new();
+    let mut tick = tokio::time::interval(PING_EVERY);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tick.tick().await;
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat
+}
+
+/// Downloads until `stop` is set: MiB/s.
+async fn download_until(
+    listen: u16,
+    source: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> f64 {
+    let (code, s) = socks5(listen, "127.0.0.1", source).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let t = Instant::now();
+    s.write_u64(u64::MAX).await.unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k as u64,
+        }
+    }
+    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// A slow target (16 MiB/s) is sent 256 MiB while another channel downloads and a third
+/// pings: the others must not slow down, the upload must arrive whole, memory stays bounded.
+async fn slow_target(pid: u32, listen: u16, svc: &Services, r: &mut Round) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let down = tokio::spawn(download_until(listen, svc.source, stop.clone()));
+    let pings = tokio::spawn(pings_until(listen, svc.echo, stop.clone()));
+    let (code, s) = socks5(listen, "127.0.0.1", svc.slow_sink).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let block = vec![0xa5u8; 256 << 10];
+    let mut sent = 0u64;
+    while sent < SLOW_UPLOAD {
+        s.write_all(&block).await.unwrap();
+        sent += block.len() as u64;
+    }
+    s.shutdown().await.unwrap();
+    let got = s.read_u64().await.unwrap_or(0);
+    stop.store(true, Ordering::Relaxed);
+    r.slow_upload_exact = if got == sent { 1.0 } else { 0.0 };
+    r.slow_download_mibs = down.await.unwrap();
+    let mut lat = pings.await.unwrap();
+    r.slow_ping_p50_ms = percentile(&mut lat, 0.5);
+    r.slow_ping_p99_ms = percentile(&mut lat, 0.99);
+    let _ = sampler.await;
+    r.slow_rss_peak_mib = peak.load(Ordering::Relaxed) as f64 / 1024.0;
+}
+
+/// Two bulk downloads and a paced ping-pong at once, for 5 s.
+async fn mixed(listen: u16, svc: &Services, r: &mut Round) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let a = tokio::spawn(download_until(listen, svc.source, stop.clone()));
+    let b = tokio::spawn(download_until(listen, svc.source, stop.clone()));
+    let pings = tokio::spawn(pings_until(listen, svc.echo, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    r.mixed_bulk_mibs = a.await.unwrap() + b.await.unwrap();
+    let mut lat = pings.await.unwrap();
+    r.mixed_ping_p50_ms = percentile(&mut lat, 0.5);
+    r.mixed_ping_p99_ms = percentile(&mut lat, 0.99);
 }
 
 /// Bulk, both ways, and the client's CPU for it.
@@ -565,7 +740,7 @@ async fn main() {
     }
 
     type Pick = fn(&Round) -> f64;
-    let rows: [(&str, Pick); 13] = [
+    let rows: [(&str, Pick); 23] = [
         ("bulk upload, MiB/s (server -> target)", |r| r.upload_mibs),
         ("bulk download, MiB/s (target -> server)", |r| {
             r.download_mibs
@@ -584,6 +759,34 @@ async fn main() {
         ),
         ("client RSS idle, MiB", |r| r.rss_idle_mib),
         ("client peak RSS during fan-out, MiB", |r| r.rss_fanout_mib),
+        ("paced ping-pong (every 10 ms), p50 ms", |r| {
+            r.idle_ping_p50_ms
+        }),
+        ("paced ping-pong (every 10 ms), p99 ms", |r| {
+            r.idle_ping_p99_ms
+        }),
+        ("slow target: others' ping-pong p50 ms", |r| {
+            r.slow_ping_p50_ms
+        }),
+        ("slow target: others' ping-pong p99 ms", |r| {
+            r.slow_ping_p99_ms
+        }),
+        ("slow target: other download, MiB/s", |r| {
+            r.slow_download_mibs
+        }),
+        ("slow target: all 256 MiB arrived (1 = yes)", |r| {
+            r.slow_upload_exact
+        }),
+        ("slow target: client peak RSS, MiB", |r| r.slow_rss_peak_mib),
+        ("2 downloads + ping-pong: ping p50 ms", |r| {
+            r.mixed_ping_p50_ms
+        }),
+        ("2 downloads + ping-pong: ping p99 ms", |r| {
+            r.mixed_ping_p99_ms
+        }),
+        ("2 downloads + ping-pong: total bulk MiB/s", |r| {
+            r.mixed_bulk_mibs
+        }),
     ];
     let loopback = loopback_ceiling(sc.bulk.min(4 << 30));
     let mut ciphers = vec![agent_cipher.clone()];

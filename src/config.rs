@@ -108,6 +108,9 @@ pub struct ForwardConfig {
     pub connect_timeout: Duration,
     pub max_connections: usize,
     pub max_pending: u64,
+    /// A slow target's backlog beyond `max_pending`, on disk; 0: none.
+    pub max_spill: u64,
+    pub stall_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub policy: Policy,
 }
@@ -267,6 +270,8 @@ struct RawForward {
     connect_timeout: Option<String>,
     max_connections: Option<i64>,
     max_pending: Option<String>,
+    max_spill: Option<String>,
+    stall_timeout: Option<String>,
     shutdown_timeout: Option<String>,
     allow: Option<Vec<String>>,
     deny: Option<Vec<String>>,
@@ -604,6 +609,19 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             }
         },
     };
+    let max_spill = match &f.max_spill {
+        None => DEFAULT_MAX_SPILL,
+        Some(s) => parse_size(s).unwrap_or_else(|e| {
+            errors.push(format!("{}: {e}", toml_at("forward", "max_spill")));
+            DEFAULT_MAX_SPILL
+        }),
+    };
+    let stall_timeout = duration_setting(
+        &f.stall_timeout,
+        DEFAULT_STALL_TIMEOUT,
+        &toml_at("forward", "stall_timeout"),
+        &mut errors,
+    );
     let policy = Policy::parse(
         f.allow.as_deref().unwrap_or(&[]),
         f.deny.as_deref().unwrap_or(&[]),
@@ -663,6 +681,8 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             connect_timeout,
             max_connections,
             max_pending,
+            max_spill,
+            stall_timeout,
             shutdown_timeout,
             policy,
         },
@@ -699,7 +719,7 @@ impl Config {
              client key:    {key}\n\
              host key pins: {pins}\n\
              keepalive:     every {ki:?}, dead after {km} unanswered\n\
-             forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel\n\
+             forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel in memory, then {ms} on disk; a target idle {stall:?} with data waiting is cut\n\
              policy:        {policy}\n\
              shutdown:      channels drain for up to {st:?}\n\
              metrics:       {metrics}\n\
@@ -721,6 +741,11 @@ impl Config {
             ct = f.connect_timeout,
             mc = f.max_connections,
             mp = show_size(f.max_pending),
+            ms = match f.max_spill {
+                0 => "none".to_string(),
+                n => show_size(n),
+            },
+            stall = f.stall_timeout,
             policy = f.policy,
             st = f.shutdown_timeout,
             lvl = self.log.level,

@@ -32,6 +32,13 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Bytes from the server waiting for a slow target, per channel, before that channel is cut.
 /// Traffic toward a database is mostly small queries, so 8 MiB is generous.
 pub const DEFAULT_MAX_PENDING: u64 = 8 * 1024 * 1024;
+/// A slow target's backlog beyond `max_pending`, held in a spill file (spill.rs): 1 GiB.
+pub const DEFAULT_MAX_SPILL: u64 = 1024 * 1024 * 1024;
+/// A target that takes no data for this long, with data waiting for it, is cut.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A spill file that has been read to the end is truncated (its blocks freed) when it had
+/// grown to at least this; smaller ones are reused as they are.
+pub const SPILL_SHRINK_AT: u64 = 64 * 1024 * 1024;
 /// How long open channels may drain on stop or when a session is retired.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -90,7 +97,12 @@ pub const REKEY_AFTER_BYTES: usize = 128 << 30;
 pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Channel tasks stop producing output for the server while this much is already waiting in
 /// the transport's buffer (see transport.rs): bounds memory without ever blocking the session.
-pub const SSH_BACKLOG_HIGH: usize = 1024 * 1024;
+pub const SSH_BACKLOG_HIGH: usize = 256 * 1024;
+/// A target's read that returns less than this is a small message (a reply), sent at once
+/// rather than after a turn behind bulk data (forward.rs).
+pub const SMALL_READ: usize = 4 * 1024;
+/// Unsent bytes the kernel may hold for the SSH socket (`TCP_NOTSENT_LOWAT`, transport.rs).
+pub const SSH_NOTSENT_LOWAT: usize = 128 * 1024;
 /// At most this many channel tasks hand data to the session at once (see transport.rs).
 pub const SSH_OUTPUT_TURNS: usize = 16;
 /// The transport stops reading the SSH socket while more than this waits for targets, across
@@ -98,6 +110,10 @@ pub const SSH_OUTPUT_TURNS: usize = 16;
 pub const INTAKE_HIGH: usize = 4 * 1024 * 1024;
 /// ... for at most this long without progress, then reads on regardless.
 pub const INTAKE_PAUSE_MAX: Duration = Duration::from_millis(500);
+/// Of each channel's in-memory backlog, only the first this-many bytes count toward that mark
+/// (plus anything beyond `max_pending`, see forward.rs): many busy channels pace the session
+/// together, one slow target does not.
+pub const INTAKE_SHARE: u64 = 256 * 1024;
 /// russh's queue of packets from channel writers to the session loop.
 pub const SSH_SESSION_QUEUE: usize = 16;
 /// The transport's write buffer is released once drained if it grew beyond this.

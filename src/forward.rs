@@ -2,17 +2,20 @@
 //! connect, answer, then splice bytes both ways with half-close.
 //!
 //! Data from the server reaches a channel through an [`Inbox`] that the SSH session pushes
-//! into without ever waiting (see `tunnel.rs`), so a target that stops reading can only fill
-//! its own channel's buffer; past `max_pending` that channel alone is cut.
+//! into without ever waiting (see `tunnel.rs`), so a slow target only grows its own channel's
+//! backlog: in memory up to `max_pending`, then in a spill file up to `max_spill` (spill.rs).
+//! Beyond both, the channel's bytes count fully toward the session's intake, which pauses
+//! reading the SSH socket (transport.rs) until that target catches up; at twice
+//! `max_pending` in memory it is cut. A target that takes nothing for `stall_timeout` is cut.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
@@ -24,27 +27,54 @@ use tokio::sync::{mpsc, Notify};
 use crate::config::ForwardConfig;
 use crate::connect;
 use crate::constants::{
-    CHANNEL_CLOSE_WAIT, CONNECT_STAGGER, SOCKS_HANDSHAKE_TIMEOUT, SPLICE_BATCH, SPLICE_BUFFER_SIZE,
-    SPLICE_IOVECS,
+    CHANNEL_CLOSE_WAIT, CONNECT_STAGGER, INTAKE_SHARE, SMALL_READ, SOCKS_HANDSHAKE_TIMEOUT,
+    SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS,
 };
+use crate::count::OpenGuard;
 use crate::socks::{self, Host, Reply, Request};
+use crate::spill::{Chunk, Spill};
 use crate::telemetry::{ChannelStat, Telemetry};
 use crate::transport::{Backlog, Intake};
 
 /// What the session hands a channel task.
-#[derive(Debug)]
 pub enum Inbound {
     Data(Bytes),
+    /// Data held in the channel's spill file.
+    Spilled(Chunk),
     Eof,
-    /// The target fell behind by more than `max_pending` bytes.
+    /// The target fell too far behind (see the module comment): the bytes in memory.
     Overflow(u64),
+}
+
+/// The part of a channel's in-memory backlog that counts toward the session's [`Intake`]:
+/// its first `INTAKE_SHARE` bytes (many busy channels together pace the session, as before),
+/// plus whatever is beyond `max_pending` (the spill file is full or off: pause). The rest of a
+/// slow target's backlog is its own and slows no one.
+fn counted(ram: u64, max_pending: u64) -> u64 {
+    ram.min(INTAKE_SHARE) + ram.saturating_sub(max_pending.max(INTAKE_SHARE))
+}
+
+/// The spill file of a channel, made on first need.
+enum SpillState {
+    Unused,
+    Open(Spill),
+    Failed,
+    /// The channel's task has ended.
+    Closed,
 }
 
 /// The session's end of a channel's input: pushes never wait.
 pub struct Inbox {
     tx: mpsc::UnboundedSender<Inbound>,
+    /// Bytes in memory, queued or in the channel task's hands.
     pending: Arc<AtomicU64>,
     max_pending: u64,
+    /// Bytes in the spill file not yet read back.
+    spilled: Arc<AtomicU64>,
+    max_spill: u64,
+    /// Shared with the channel task, which closes the file when it ends (the session may keep
+    /// an ended channel's inbox a while).
+    spill: Arc<Mutex<SpillState>>,
     cut: Arc<Notify>,
     intake: Arc<Intake>,
     /// russh's own bounded queue for this channel, when kept (see [`Inbox::with_queue`]).
@@ -58,6 +88,13 @@ const CLOSED: u64 = 1 << 62;
 pub struct ChannelInput {
     rx: mpsc::UnboundedReceiver<Inbound>,
     pending: Arc<AtomicU64>,
+    max_pending: u64,
+    spilled: Arc<AtomicU64>,
+    spill: Arc<Mutex<SpillState>>,
+    /// Bytes that went through the spill file, for the channel's log line.
+    spilled_total: u64,
+    /// Reading the spill file back failed: the channel ends with this error.
+    failed: Option<io::Error>,
     /// Bytes received but not yet handed on (a partly read chunk during the handshake).
     leftover: Bytes,
     eof: bool,
@@ -67,17 +104,22 @@ pub struct ChannelInput {
     intake: Arc<Intake>,
 }
 
-/// Every byte counted in a channel's `pending` is also counted in the session's [`Intake`],
-/// until it is delivered or the channel's task ends.
-pub fn inbox(max_pending: u64, intake: Arc<Intake>) -> (Inbox, ChannelInput) {
+/// A channel's `pending` bytes are counted in the session's [`Intake`] as [`counted`] says,
+/// until they are delivered or the channel's task ends.
+pub fn inbox(settings: &ForwardConfig, intake: Arc<Intake>) -> (Inbox, ChannelInput) {
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicU64::new(0));
+    let spilled = Arc::new(AtomicU64::new(0));
+    let spill = Arc::new(Mutex::new(SpillState::Unused));
     let cut = Arc::new(Notify::new());
     (
         Inbox {
             tx,
             pending: pending.clone(),
-            max_pending,
+            max_pending: settings.max_pending,
+            spilled: spilled.clone(),
+            max_spill: settings.max_spill,
+            spill: spill.clone(),
             cut: cut.clone(),
             intake: intake.clone(),
             queued: None,
@@ -85,6 +127,11 @@ pub fn inbox(max_pending: u64, intake: Arc<Intake>) -> (Inbox, ChannelInput) {
         ChannelInput {
             rx,
             pending,
+            max_pending: settings.max_pending,
+            spilled,
+            spill,
+            spilled_total: 0,
+            failed: None,
             leftover: Bytes::new(),
             eof: false,
             overflow: None,
@@ -140,18 +187,62 @@ impl Inbox {
             return true;
         }
         let len = data.len() as u64;
-        let pending = self.pending.fetch_add(len, Ordering::AcqRel) + len;
-        if pending & CLOSED != 0 {
+        let ram = self.pending.load(Ordering::Acquire);
+        if ram & CLOSED != 0 {
             return false;
         }
-        self.intake.add(len);
-        if pending > self.max_pending {
-            let _ = self.tx.send(Inbound::Overflow(pending));
+        if ram + len > self.max_pending {
+            if let Some(chunk) = self.spill(data) {
+                return self.tx.send(Inbound::Spilled(chunk)).is_ok();
+            }
+        }
+        let old = self.pending.fetch_add(len, Ordering::AcqRel);
+        if old & CLOSED != 0 {
+            return false;
+        }
+        let new = old + len;
+        self.intake
+            .add(counted(new, self.max_pending) - counted(old, self.max_pending));
+        if new > self.max_pending.saturating_mul(2) {
+            let _ = self.tx.send(Inbound::Overflow(new));
             self.cut.notify_one();
             return false;
         }
         let data = queued.unwrap_or_else(|| Bytes::copy_from_slice(data));
         self.tx.send(Inbound::Data(data)).is_ok()
+    }
+
+    /// Put `data` in the spill file, if it has room and can be written.
+    fn spill(&mut self, data: &[u8]) -> Option<Chunk> {
+        let spilled = self.spilled.load(Ordering::Acquire);
+        if spilled + data.len() as u64 > self.max_spill {
+            return None;
+        }
+        let mut state = self.spill.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*state, SpillState::Unused) {
+            let dir = std::env::temp_dir();
+            *state = match Spill::create(&dir) {
+                Ok(s) => SpillState::Open(s),
+                Err(e) => {
+                    log::warn!(error_class = "spill"; "cannot create a spill file in {}: {e}; a slow target's backlog stays in memory and paces the whole tunnel instead", dir.display());
+                    SpillState::Failed
+                }
+            };
+        }
+        let SpillState::Open(spill) = &mut *state else {
+            return None;
+        };
+        match spill.write(data, spilled == 0) {
+            Ok(chunk) => {
+                self.spilled.fetch_add(data.len() as u64, Ordering::AcqRel);
+                Some(chunk)
+            }
+            Err(e) => {
+                log::warn!(error_class = "spill"; "cannot write to a spill file in {}: {e}; a slow target's backlog stays in memory and paces the whole tunnel instead", std::env::temp_dir().display());
+                *state = SpillState::Failed;
+                None
+            }
+        }
     }
 
     pub fn eof(&mut self) {
@@ -166,22 +257,46 @@ impl Inbox {
 }
 
 impl ChannelInput {
-    /// The next chunk from the server; `None` at EOF, on close or overflow.
+    /// Whether nothing more will be handed on: EOF, overflow, or a failed spill read.
+    fn done(&self) -> bool {
+        self.eof || self.overflow.is_some() || self.failed.is_some()
+    }
+
+    /// The next chunk from the server; `None` at EOF, on close, overflow or failure.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if !self.leftover.is_empty() {
             return Some(std::mem::take(&mut self.leftover));
         }
-        if self.eof || self.overflow.is_some() {
+        if self.done() {
             return None;
         }
         let m = self.rx.recv().await?;
         self.take(m)
     }
 
-    /// Data is handed on; EOF and overflow are recorded.
+    /// Data is handed on (a spilled chunk read back first, then counted in memory like the
+    /// rest until delivered); EOF and overflow are recorded.
     fn take(&mut self, m: Inbound) -> Option<Bytes> {
         match m {
             Inbound::Data(b) => Some(b),
+            Inbound::Spilled(chunk) => match chunk.read() {
+                Ok(b) => {
+                    let len = b.len() as u64;
+                    self.spilled.fetch_sub(len, Ordering::AcqRel);
+                    self.spilled_total += len;
+                    let old = self.pending.fetch_add(len, Ordering::AcqRel);
+                    self.intake
+                        .add(counted(old + len, self.max_pending) - counted(old, self.max_pending));
+                    Some(b)
+                }
+                Err(e) => {
+                    self.failed = Some(io::Error::new(
+                        e.kind(),
+                        format!("reading the channel's spill file back failed: {e}"),
+                    ));
+                    None
+                }
+            },
             Inbound::Eof => {
                 self.eof = true;
                 None
@@ -195,7 +310,7 @@ impl ChannelInput {
 
     /// More data if it is already queued, without waiting (EOF and overflow are recorded).
     fn try_next_data(&mut self) -> Option<Bytes> {
-        if self.eof || self.overflow.is_some() {
+        if self.done() {
             return None;
         }
         let m = self.rx.try_recv().ok()?;
@@ -204,8 +319,15 @@ impl ChannelInput {
 
     /// Count bytes as delivered to the target.
     fn consumed(&self, n: usize) {
-        self.pending.fetch_sub(n as u64, Ordering::AcqRel);
-        self.intake.sub(n as u64);
+        let old = self.pending.fetch_sub(n as u64, Ordering::AcqRel);
+        let new = old.saturating_sub(n as u64);
+        self.intake
+            .sub(counted(old, self.max_pending) - counted(new, self.max_pending));
+    }
+
+    /// Bytes still waiting for the target, in memory and on disk.
+    fn backlog(&self) -> u64 {
+        (self.pending.load(Ordering::Acquire) & !CLOSED) + self.spilled.load(Ordering::Acquire)
     }
 
     /// Wait for the channel to be closed by the server (or cut), ignoring anything else.
@@ -221,8 +343,10 @@ impl ChannelInput {
 
 impl Drop for ChannelInput {
     fn drop(&mut self) {
+        // The file goes now (the queued chunks' references go with `rx`).
+        *self.spill.lock().unwrap_or_else(|e| e.into_inner()) = SpillState::Closed;
         let left = self.pending.swap(CLOSED, Ordering::AcqRel);
-        self.intake.sub(left & !CLOSED);
+        self.intake.sub(counted(left & !CLOSED, self.max_pending));
     }
 }
 
@@ -233,7 +357,7 @@ impl AsyncRead for ChannelInput {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.leftover.is_empty() && !this.eof && this.overflow.is_none() {
+        if this.leftover.is_empty() && !this.done() {
             match this.rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(m)) => {
@@ -284,55 +408,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Duplex<'_, W> {
     }
 }
 
-/// A count that can be waited on until it reaches zero (open channels, globally or per session).
-#[derive(Default)]
-pub struct Gauge {
-    count: AtomicUsize,
-    zero: Notify,
-}
-
-impl Gauge {
-    pub fn get(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
-    pub async fn wait_zero(&self) {
-        loop {
-            let notified = self.zero.notified();
-            if self.get() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Holds one unit of each gauge while a channel is open.
-pub struct GaugeGuard(Vec<Arc<Gauge>>);
-
-impl GaugeGuard {
-    pub fn new(gauges: Vec<Arc<Gauge>>) -> Self {
-        for g in &gauges {
-            g.count.fetch_add(1, Ordering::AcqRel);
-        }
-        GaugeGuard(gauges)
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        for g in &self.0 {
-            if g.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-                g.zero.notify_waiters();
-            }
-        }
-    }
-}
-
 /// What every channel shares: the live forward settings, the channel count and telemetry.
 pub struct Forwarder {
     settings: RwLock<Arc<ForwardConfig>>,
-    pub active: Arc<Gauge>,
     pub telemetry: Arc<Telemetry>,
 }
 
@@ -340,7 +418,6 @@ impl Forwarder {
     pub fn new(settings: ForwardConfig, telemetry: Arc<Telemetry>) -> Self {
         Forwarder {
             settings: RwLock::new(Arc::new(settings)),
-            active: telemetry.active.clone(),
             telemetry,
         }
     }
@@ -364,19 +441,20 @@ pub struct ChannelContext {
     pub backlog: Arc<Backlog>,
 }
 
-/// Run one channel to its end. `guard` is released when the channel is done.
+/// Run one channel to its end, with the settings its inbox was made with. `guard` is
+/// released when the channel is done.
 pub async fn serve_channel(
     mut input: ChannelInput,
     channel: ChannelWriteHalf<Msg>,
     fwd: Arc<Forwarder>,
-    guard: GaugeGuard,
+    settings: Arc<ForwardConfig>,
+    guard: OpenGuard,
     origin: ChannelContext,
 ) {
-    let settings = fwd.settings();
     let metrics = &fwd.telemetry.metrics;
     let mut writer = channel.make_writer();
     let started = Instant::now();
-    let over_limit = fwd.active.get() > settings.max_connections;
+    let over_limit = fwd.telemetry.active.get() > settings.max_connections;
 
     let request = {
         let mut stream = Duplex {
@@ -411,7 +489,7 @@ pub async fn serve_channel(
             Reply::GeneralFailure,
             format!(
                 "refused: {} channels are open, [forward] max_connections is {}",
-                fwd.active.get() - 1,
+                fwd.telemetry.active.get() - 1,
                 settings.max_connections
             ),
         ))
@@ -453,9 +531,10 @@ pub async fn serve_channel(
         .open_channel(target.clone(), origin.originator.clone());
     let cut = input.cut.clone();
     let end = tokio::select! {
-        end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts) => end,
+        end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts, settings.stall_timeout) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
     };
+    let spilled = input.spilled_total;
     // A normal end means both sides sent EOF: the server closes the channel.
     if matches!(end, End::Normal) {
         close_after_server(&channel, &mut input).await;
@@ -467,13 +546,21 @@ pub async fn serve_channel(
     let up = counts.to_target.load(Ordering::Relaxed);
     let down = counts.from_target.load(Ordering::Relaxed);
     drop(counts);
+    let on_disk = if spilled > 0 {
+        format!("; {spilled} bytes waited for the target in a spill file")
+    } else {
+        String::new()
+    };
     match end {
         End::Normal => log::info!(
-            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs;
-            "channel to {target} closed after {secs:.1}s: {up} bytes to target, {down} bytes from target"),
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, bytes_spilled = spilled;
+            "channel to {target} closed after {secs:.1}s: {up} bytes to target, {down} bytes from target{on_disk}"),
         End::Overflow(pending) => log::warn!(
             target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "overflow";
-            "channel to {target} cut: the target fell {pending} bytes behind the server ([forward] max_pending is {}); other channels are unaffected", settings.max_pending),
+            "channel to {target} cut: the target fell {pending} bytes behind in memory with its spill file full ([forward] max_pending is {}, max_spill {}); other channels are unaffected", settings.max_pending, settings.max_spill),
+        End::Stalled(backlog) => log::warn!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "stalled";
+            "channel to {target} cut: the target took no data for {:?} ([forward] stall_timeout); {backlog} bytes for it were dropped ({up} bytes reached it)", settings.stall_timeout),
         End::Error(e) => log::info!(
             target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "io";
             "channel to {target} ended after {secs:.1}s: {e} ({up} bytes to target, {down} bytes from target)"),
@@ -483,7 +570,7 @@ pub async fn serve_channel(
 /// End a channel the agent will not serve (a bad or late SOCKS request, a denied or failed
 /// target) the way the normal path ends one: send EOF and let the server close it (see
 /// [`close_after_server`]). The channel no longer counts as open meanwhile.
-async fn refuse(channel: &ChannelWriteHalf<Msg>, input: &mut ChannelInput, guard: GaugeGuard) {
+async fn refuse(channel: &ChannelWriteHalf<Msg>, input: &mut ChannelInput, guard: OpenGuard) {
     drop(guard);
     if channel.eof().await.is_ok() {
         close_after_server(channel, input).await;
@@ -593,8 +680,22 @@ fn io_reply(e: &io::Error) -> Reply {
 enum End {
     Normal,
     Overflow(u64),
+    /// The target took nothing for `stall_timeout`; the bytes that were waiting for it.
+    Stalled(u64),
     Error(io::Error),
 }
+
+/// The error `write_all_vectored` ends with when the target makes no progress.
+#[derive(Debug)]
+struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the target took no data")
+    }
+}
+
+impl std::error::Error for Stalled {}
 
 /// Copy both ways until both sides are done. EOF in one direction is passed on as a
 /// half-close and the other direction keeps flowing. A close from the server, an overflow,
@@ -606,6 +707,7 @@ async fn splice<W: AsyncWrite + Unpin>(
     writer: &mut W,
     backlog: &Backlog,
     counts: &ChannelStat,
+    stall_timeout: Duration,
 ) -> End {
     let (tr, mut tw) = target.into_split();
     let server_eof = AtomicBool::new(false);
@@ -629,7 +731,7 @@ async fn splice<W: AsyncWrite + Unpin>(
                         None => break,
                     }
                 }
-                write_all_vectored(&mut tw, &mut batch).await?;
+                write_all_vectored(&mut tw, &mut batch, stall_timeout).await?;
                 input.consumed(len);
                 counts.add_to_target(len as u64);
             }
@@ -651,30 +753,18 @@ async fn splice<W: AsyncWrite + Unpin>(
             loop {
                 tr.readable().await?;
                 let window = channel.writable_packet_size().await;
-                let turn = if window > 0 {
-                    let turn = backlog.turn().await;
-                    backlog.wait_room().await;
-                    turn
-                } else {
-                    None
-                };
-                let mut buf = BytesMut::with_capacity(if window > 0 {
-                    window.min(SPLICE_BUFFER_SIZE)
+                // A small reply (a query result, a protocol message) goes to the session at
+                // once: it must not wait for a turn behind bulk data. What fills the small
+                // read is bulk, and waits like bulk (holding only that much meanwhile).
+                let small = if window > 0 {
+                    window.min(SMALL_READ)
                 } else {
                     SPLICE_BUFFER_SIZE
-                });
-                match tr.try_read_buf(&mut buf) {
+                };
+                let mut buf = BytesMut::with_capacity(small);
+                let first = match tr.try_read_buf(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => {
-                        // Owned bytes go to the session as they are: the `AsyncWrite` path
-                        // would copy them into a fresh allocation per packet.
-                        channel
-                            .data_bytes(buf.freeze())
-                            .await
-                            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
-                        drop(turn);
-                        counts.add_from_target(n as u64);
-                    }
+                    Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     // A reset after the client's EOF is how some servers end a session
                     // (PostgreSQL after Terminate, like any server closing with unread
@@ -686,7 +776,30 @@ async fn splice<W: AsyncWrite + Unpin>(
                         break
                     }
                     Err(e) => return Err(e),
+                };
+                let mut turn = None;
+                if window > 0 && first == small && first < window {
+                    // Bulk: take a turn and wait for room in the transport before reading
+                    // the rest of a packet (see `Backlog`).
+                    turn = backlog.turn().await;
+                    backlog.wait_room().await;
+                    buf.reserve(window.min(SPLICE_BUFFER_SIZE) - first);
+                    match tr.try_read_buf(&mut buf) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        // EOF and errors show again on the next read; first send what we have.
+                        Err(_) => {}
+                    }
                 }
+                let n = buf.len();
+                // Owned bytes go to the session as they are: the `AsyncWrite` path would
+                // copy them into a fresh allocation per packet.
+                channel
+                    .data_bytes(buf.freeze())
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+                drop(turn);
+                counts.add_from_target(n as u64);
             }
             writer.shutdown().await
         };
@@ -700,23 +813,33 @@ async fn splice<W: AsyncWrite + Unpin>(
             },
         }
     };
-    match (input.overflow, end) {
-        (Some(n), _) => End::Overflow(n),
-        (None, Some(e)) => End::Error(e),
-        (None, None) => End::Normal,
+    if let Some(n) = input.overflow {
+        return End::Overflow(n);
+    }
+    if let Some(e) = input.failed.take() {
+        return End::Error(e);
+    }
+    match end {
+        Some(e) if e.get_ref().is_some_and(|i| i.is::<Stalled>()) => End::Stalled(input.backlog()),
+        Some(e) => End::Error(e),
+        None => End::Normal,
     }
 }
 
-/// Write every byte of `batch` with vectored writes, leaving it empty.
+/// Write every byte of `batch` with vectored writes, leaving it empty. A write that takes
+/// nothing for `stall` fails with [`Stalled`].
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     w: &mut W,
     batch: &mut Vec<Bytes>,
+    stall: Duration,
 ) -> io::Result<()> {
     let mut first = 0;
     while first < batch.len() {
         let slices: Vec<io::IoSlice<'_>> =
             batch[first..].iter().map(|b| io::IoSlice::new(b)).collect();
-        let mut n = w.write_vectored(&slices).await?;
+        let mut n = tokio::time::timeout(stall, w.write_vectored(&slices))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, Stalled))??;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -739,10 +862,22 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
+    fn settings(max_pending: u64, max_spill: u64) -> ForwardConfig {
+        ForwardConfig {
+            connect_timeout: Duration::from_secs(1),
+            max_connections: 1,
+            max_pending,
+            max_spill,
+            stall_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(1),
+            policy: crate::policy::Policy::default(),
+        }
+    }
+
     #[tokio::test]
     async fn intake_counts_bytes_until_delivered_or_dropped() {
         let intake = Arc::new(Intake::default());
-        let (mut inbox, mut input) = inbox(1 << 20, intake.clone());
+        let (mut inbox, mut input) = inbox(&settings(1 << 20, 0), intake.clone());
         assert!(inbox.push(&[1; 1000]));
         assert!(inbox.push(&[2; 500]));
         assert_eq!(intake.get(), 1500);
@@ -759,15 +894,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn intake_is_released_by_a_channel_cut_for_overflow() {
+    async fn without_a_spill_file_the_backlog_counts_fully_then_is_cut_at_twice_max_pending() {
         let intake = Arc::new(Intake::default());
-        let (mut inbox, input) = inbox(1000, intake.clone());
+        let (mut inbox, input) = inbox(&settings(1000, 0), intake.clone());
         assert!(inbox.push(&[0; 600]));
+        assert!(inbox.push(&[0; 600]));
+        assert_eq!(intake.get(), 1200, "all of it paces the session");
         assert!(
-            !inbox.push(&[0; 600]),
-            "past max_pending the channel is cut"
+            !inbox.push(&[0; 900]),
+            "past twice max_pending the channel is cut"
         );
-        assert!(intake.get() >= 600);
+        drop(input);
+        assert_eq!(intake.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn past_max_pending_data_waits_in_the_spill_file_in_order_uncounted() {
+        let intake = Arc::new(Intake::default());
+        let (mut inbox, mut input) = inbox(&settings(1000, 3000), intake.clone());
+        let data: Vec<u8> = (0..3500u32).map(|i| i as u8).collect();
+        for part in data.chunks(500) {
+            assert!(inbox.push(part));
+        }
+        // 1000 in memory, 2500 in the file: only the memory part counts.
+        assert_eq!(intake.get(), 1000);
+        assert_eq!(input.spilled.load(Ordering::Acquire), 2500);
+        // The file is full: the next 1000 go to memory and count (the pause), then a cut.
+        assert!(inbox.push(&data[..1000]));
+        assert_eq!(intake.get(), 2000);
+        let mut back = vec![0u8; 3500];
+        input.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, data, "memory first, then the file, in arrival order");
+        assert_eq!(input.spilled_total, 2500);
+        assert_eq!(input.spilled.load(Ordering::Acquire), 0);
         drop(input);
         assert_eq!(intake.get(), 0);
     }

@@ -44,6 +44,41 @@ pub fn socket_path(instance: Option<&str>, env: Option<&str>) -> PathBuf {
     runtime_dir(instance, env).join(STATUS_SOCKET_NAME)
 }
 
+/// The socket of this instance in the runtime directory systemd gave (`$RUNTIME_DIRECTORY`),
+/// else in the default one.
+pub fn default_socket(instance: Option<&str>) -> PathBuf {
+    socket_path(instance, std::env::var("RUNTIME_DIRECTORY").ok().as_deref())
+}
+
+/// `secoda-agent status [--json]`: print the running agent's state; the exit code.
+pub fn command(socket: &Path, json: bool) -> u8 {
+    match query(socket) {
+        Ok(snapshot) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&snapshot).unwrap_or_default()
+                );
+            } else {
+                print!("{}", render(&snapshot));
+            }
+            exit_code(&snapshot)
+        }
+        Err(QueryError::NotRunning(m)) => {
+            eprintln!("{m}");
+            exit::NOT_RUNNING
+        }
+        Err(QueryError::NoPermission(m)) => {
+            eprintln!("{m}");
+            exit::NO_PERMISSION
+        }
+        Err(QueryError::Garbled(m)) => {
+            eprintln!("{m}");
+            crate::exit::FAILURE
+        }
+    }
+}
+
 /// Bind the status socket. A socket left by an agent that died is replaced; one that another
 /// running agent answers on is left alone (an error says so).
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {

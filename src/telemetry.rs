@@ -10,12 +10,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge as PromGauge;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
-use crate::forward::Gauge;
+use crate::count::OpenCount;
 
 /// The tunnel's state as `status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,11 +110,11 @@ struct DirectionLabels {
 /// The counters, registered once; the hot path holds clones of the handles (atomics).
 pub struct Metrics {
     registry: Registry,
-    tunnel_up: PromGauge,
-    route: Family<RouteLabels, PromGauge>,
+    tunnel_up: Gauge,
+    route: Family<RouteLabels, Gauge>,
     reconnects: Counter,
-    session_age: PromGauge<f64, AtomicU64>,
-    channels_active: PromGauge,
+    session_age: Gauge<f64, AtomicU64>,
+    channels_active: Gauge,
     opened: Family<OutcomeLabels, Counter>,
     pub bytes_to_target: Counter,
     pub bytes_from_target: Counter,
@@ -125,11 +125,11 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("secoda_agent");
-        let tunnel_up = PromGauge::default();
-        let route = Family::<RouteLabels, PromGauge>::default();
+        let tunnel_up = Gauge::default();
+        let route = Family::<RouteLabels, Gauge>::default();
         let reconnects = Counter::default();
-        let session_age = PromGauge::<f64, AtomicU64>::default();
-        let channels_active = PromGauge::default();
+        let session_age = Gauge::<f64, AtomicU64>::default();
+        let channels_active = Gauge::default();
         let opened = Family::<OutcomeLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
         // 100 us .. ~6.5 s: a SOCKS request arrives in well under a millisecond on a healthy
@@ -264,7 +264,7 @@ pub struct Telemetry {
     channels: Mutex<BTreeMap<u64, std::sync::Weak<ChannelStat>>>,
     next_id: AtomicU64,
     /// Every open channel, across sessions (the forwarder counts into it).
-    pub active: Arc<Gauge>,
+    pub active: Arc<OpenCount>,
     pub metrics: Metrics,
 }
 
@@ -293,7 +293,7 @@ impl Telemetry {
             }),
             channels: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
-            active: Arc::new(Gauge::default()),
+            active: Arc::new(OpenCount::default()),
             metrics,
         })
     }

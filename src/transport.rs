@@ -32,6 +32,12 @@
 //!    of the wake-ups and a quarter of the system calls. Small messages on a quiet tunnel
 //!    never see the mark, and the mark is only raised once the receive buffer is large
 //!    enough that Linux does not clamp the TCP window to it.
+//! 6. **Small replies do not queue behind bulk data.** With two bulk downloads running, the
+//!    kernel's send buffer held megabytes of unsent data ahead of a small reply (a query
+//!    result), and the socket took more as soon as there was room. `TCP_NOTSENT_LOWAT` keeps
+//!    the unsent part small (what is in flight is unaffected, so throughput is not), and the
+//!    buffer in front of the socket is bounded by `SSH_BACKLOG_HIGH`: a reply waits behind at
+//!    most their sum.
 
 use std::future::Future;
 use std::io;
@@ -48,9 +54,10 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::constants::{
     COALESCE_AFTER_READ, COALESCE_BYTES, COALESCE_MIN_RCVBUF, COALESCE_RETRY_READS, COALESCE_WAIT,
-    INTAKE_HIGH, INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS,
-    SSH_READ_BUFFER, TRANSPORT_BUFFER_KEEP,
+    INTAKE_HIGH, INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_NOTSENT_LOWAT,
+    SSH_OUTPUT_TURNS, SSH_READ_BUFFER, TRANSPORT_BUFFER_KEEP,
 };
+use crate::sys;
 
 /// How many bytes wait in the transport's buffer, for channel tasks to pace themselves on.
 pub struct Backlog {
@@ -235,6 +242,9 @@ impl Transport {
         intake: Arc<Intake>,
         received: Arc<AtomicU64>,
     ) -> Self {
+        // Best effort: without it (a kernel before 3.12), small replies queue behind more
+        // bulk data, nothing else changes.
+        let _ = set_notsent_lowat(&tcp, SSH_NOTSENT_LOWAT);
         Transport {
             tcp,
             pending: BytesMut::new(),
@@ -289,7 +299,7 @@ impl Transport {
                     log::debug!(
                         "{queued} bytes wait for targets that made no progress in {INTAKE_PAUSE_MAX:?}: \
                          reading the server on regardless until half of it is delivered \
-                         (a target that stays stuck is cut at max_pending)"
+                         (a target that stays stuck is cut after stall_timeout)"
                     );
                     self.stuck = true;
                 }
@@ -309,25 +319,14 @@ impl Transport {
 
 /// `SO_RCVLOWAT`: readiness is signalled only once `bytes` are waiting (a read still returns
 /// whatever is there). Lowering it signals data already waiting at once (Linux >= 4.19).
-#[allow(unsafe_code)] // neither std nor socket2 sets SO_RCVLOWAT
 fn set_recv_lowat(tcp: &TcpStream, bytes: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mark = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&mark as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::set_int_option(tcp, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// `TCP_NOTSENT_LOWAT`: the socket counts as writable only while fewer than `bytes` written
+/// to it are still unsent (point 6).
+fn set_notsent_lowat(tcp: &TcpStream, bytes: usize) -> io::Result<()> {
+    sys::set_int_option(tcp, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, bytes)
 }
 
 impl AsyncRead for Transport {

@@ -9,6 +9,7 @@
 //! so the queue never fills; see [`Inbox::with_queue`].
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +23,9 @@ use tokio::sync::oneshot;
 use crate::config::TunnelConfig;
 use crate::connect;
 use crate::constants::*;
+use crate::count::{OpenCount, OpenGuard};
 use crate::error::TunnelError;
-use crate::forward::{self, ChannelContext, Forwarder, Gauge, GaugeGuard, Inbox};
+use crate::forward::{self, ChannelContext, Forwarder, Inbox};
 use crate::proxy;
 use crate::transport::{Backlog, Intake, Transport};
 
@@ -44,7 +46,7 @@ struct Client {
     pins: Vec<PublicKey>,
     fwd: Arc<Forwarder>,
     /// Channels of this session, so a retired session can drain on its own.
-    channels: Arc<Gauge>,
+    channels: Arc<OpenCount>,
     accepting: Arc<AtomicBool>,
     backlog: Arc<Backlog>,
     intake: Arc<Intake>,
@@ -179,7 +181,7 @@ impl client::Handler for Client {
         let id = channel.id();
         let (read_half, write_half) = channel.split();
         let settings = self.fwd.settings();
-        let (inbox, input) = forward::inbox(settings.max_pending, self.intake.clone());
+        let (inbox, input) = forward::inbox(&settings, self.intake.clone());
         // russh's queue for the channel is emptied by the handler (see the module comment).
         let inbox = inbox.with_queue(read_half);
         // A channel we had to close first gets no `channel_close` callback from russh: drop
@@ -189,7 +191,10 @@ impl client::Handler for Client {
             self.prune_at = (self.inboxes.len() * 2).max(64);
         }
         self.inboxes.insert(id, inbox);
-        let guard = GaugeGuard::new(vec![self.fwd.active.clone(), self.channels.clone()]);
+        let guard = OpenGuard::new(vec![
+            self.fwd.telemetry.active.clone(),
+            self.channels.clone(),
+        ]);
         let origin = ChannelContext {
             originator: format!("{originator_address}:{originator_port}"),
             backlog: self.backlog.clone(),
@@ -198,6 +203,7 @@ impl client::Handler for Client {
             input,
             write_half,
             self.fwd.clone(),
+            settings,
             guard,
             origin,
         ));
@@ -312,7 +318,7 @@ pub fn fingerprint(key: &PublicKey) -> String {
 pub struct Session {
     handle: Handle<Client>,
     accepting: Arc<AtomicBool>,
-    channels: Arc<Gauge>,
+    channels: Arc<OpenCount>,
     pub listen: (String, u16),
     pub server: String,
     pub since: Instant,
@@ -324,6 +330,10 @@ pub struct Session {
     /// Bytes read from the server so far, and at the start of the current probe.
     received: Arc<AtomicU64>,
     received_at_probe: u64,
+    /// A second descriptor of the session's TCP socket, to shut the connection down when the
+    /// session is declared wedged: dropping russh's `Handle` does not end its session task
+    /// while channels hold senders to it, nor a task that is stuck.
+    socket: Option<OwnedFd>,
 }
 
 async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) -> Result<(), ()> {
@@ -480,6 +490,7 @@ async fn connect_direct(t: &TunnelConfig) -> Result<TcpStream, TunnelError> {
 pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
     let server = t.route();
     let tcp = open_tcp(t).await?;
+    let socket = tcp.as_fd().try_clone_to_owned().ok();
     tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
         server: server.clone(),
         via: String::new(),
@@ -488,7 +499,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
 
     let received = Arc::new(AtomicU64::new(0));
     let accepting = Arc::new(AtomicBool::new(true));
-    let channels = Arc::new(Gauge::default());
+    let channels = Arc::new(OpenCount::default());
     let backlog = Arc::new(Backlog::default());
     let intake = Arc::new(Intake::default());
     let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
@@ -562,6 +573,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         probe_deadline: None,
         received,
         received_at_probe: 0,
+        socket,
     })
 }
 
@@ -633,12 +645,22 @@ impl Session {
                     let progressed = self.received.load(Ordering::Relaxed) != self.received_at_probe;
                     if r.is_err() && !progressed {
                         self.finished = true;
+                        self.shut_down_socket();
                         return TunnelError::Wedged { window: self.keepalive_window + LIVENESS_INTERVAL };
                     }
                     self.probe_deadline = None;
                     self.next_probe = tokio::time::Instant::now() + LIVENESS_INTERVAL;
                 }
             }
+        }
+    }
+
+    /// End the TCP connection under a session that no longer answers: the peer sees it
+    /// closed, and russh's task, waiting on the socket, ends with an error, dropping the
+    /// socket and its channels.
+    fn shut_down_socket(&mut self) {
+        if let Some(fd) = self.socket.take() {
+            let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
         }
     }
 

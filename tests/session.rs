@@ -343,14 +343,13 @@ async fn a_listen_port_still_held_is_retried_until_free() {
 
 /// One channel's target never reads; another moves 100 MiB; sshd checks that the client keeps
 /// answering its keepalives every second; the session must not notice the stalled channel.
-/// (max_pending is raised for the bulk channel: its sink runs in this test's process, which can
-/// fall behind sshd on two cores, and the SSH window gives no backpressure in that direction;
-/// see the README.)
+/// (Default settings: the bulk channel's sink runs in this test's process, which can fall
+/// behind sshd on two cores; what it has not taken waits in its spill file.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_target_blocks_no_other_channel() {
     let sshd = Sshd::start_with("ClientAliveInterval 1\nClientAliveCountMax 2\n");
     let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nmax_pending = \"64MiB\"\n"));
+    let agent = Agent::start(&sshd.agent_toml(listen, ""));
     agent.wait_ready().await;
 
     // The stalled target: accepts, never reads.
@@ -416,11 +415,16 @@ async fn a_stalled_target_blocks_no_other_channel() {
     holder.abort();
 }
 
+/// Without a spill file (`max_spill = "0"`), a target that falls behind is cut once twice
+/// `max_pending` waits for it in memory.
 #[tokio::test]
-async fn a_channel_past_max_pending_is_cut_alone() {
+async fn without_a_spill_file_a_channel_past_max_pending_is_cut_alone() {
     let sshd = Sshd::start();
     let listen = free_port();
-    let agent = Agent::start(&sshd.agent_toml(listen, "[forward]\nmax_pending = \"1MiB\"\n"));
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        "[forward]\nmax_pending = \"1MiB\"\nmax_spill = \"0\"\n",
+    ));
     agent.wait_ready().await;
     let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stall_port = stall.local_addr().unwrap().port();
@@ -453,4 +457,193 @@ async fn a_channel_past_max_pending_is_cut_alone() {
     assert_serves(listen).await;
     assert!(!agent.output().contains("tunnel lost"));
     holder.abort();
+}
+
+/// Spill files the agent holds open: unnamed files in the temporary directory.
+fn spill_files(agent: &Agent) -> usize {
+    let tmp = std::env::temp_dir().display().to_string();
+    std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .map(|l| l.display().to_string())
+                .filter(|l| l.starts_with(&tmp) && l.ends_with(" (deleted)"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A target that reads nothing until `release` fires, then everything: the byte count and
+/// checksum of what it got.
+async fn held_target() -> (
+    u16,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<(u64, u64)>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (release, held) = tokio::sync::oneshot::channel::<()>();
+    let got = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let _ = held.await;
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        (all.len() as u64, checksum(&all))
+    });
+    (port, release, got)
+}
+
+/// A slow target's backlog waits in a spill file while another channel moves 100 MiB, then
+/// reaches the target byte-exact; the file is gone with the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_targets_backlog_waits_on_disk_and_arrives_byte_exact() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        "[forward]\nmax_pending = \"1MiB\"\nstall_timeout = \"5m\"\n",
+    ));
+    agent.wait_ready().await;
+    assert_eq!(spill_files(&agent), 0);
+
+    let (held_port, release, got) = held_target().await;
+    let (code, s) = socks5(listen, "127.0.0.1", held_port).await;
+    assert_eq!(code, 0);
+    let slow = s.unwrap();
+    let data = payload(48 << 20, 11);
+    let sent = checksum(&data);
+    let (mut slow_rd, mut slow_wr) = slow.into_split();
+    let writer = tokio::spawn(async move {
+        slow_wr.write_all(&data).await.unwrap();
+        slow_wr.shutdown().await.unwrap();
+        slow_wr
+    });
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            spill_files(&agent) == 1
+        })
+        .await,
+        "no spill file while 48 MiB wait for a target that reads nothing; {}",
+        agent.output()
+    );
+
+    // Meanwhile another channel moves 100 MiB through the same session.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = sink.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        while let Ok(k) = s.read(&mut buf).await {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        s.write_all(n.to_string().as_bytes()).await.unwrap();
+    });
+    let (code, s) = socks5(listen, "127.0.0.1", sink_port).await;
+    assert_eq!(code, 0);
+    let mut bulk = s.unwrap();
+    let chunk = payload(1 << 20, 12);
+    for _ in 0..100 {
+        bulk.write_all(&chunk).await.unwrap();
+    }
+    bulk.shutdown().await.unwrap();
+    let mut answer = String::new();
+    bulk.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, (100u64 << 20).to_string());
+    // The bulk channel may have spilled too (its sink runs in this process); its file goes
+    // with it, the slow target's stays.
+    assert!(
+        eventually(Duration::from_secs(10), || async { spill_files(&agent) == 1 }).await,
+        "the slow target's backlog is no longer waiting: {} spill files",
+        spill_files(&agent)
+    );
+
+    // The slow target now reads: every byte, in order.
+    release.send(()).unwrap();
+    let (n, sum) = got.await.unwrap();
+    assert_eq!(n, 48 << 20);
+    assert_eq!(sum, sent, "the spilled backlog arrived altered");
+    drop(writer.await.unwrap());
+    let mut rest = Vec::new();
+    let _ = slow_rd.read_to_end(&mut rest).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            spill_files(&agent) == 0
+        })
+        .await,
+        "the spill file outlived its channel"
+    );
+    assert!(
+        agent
+            .wait_output(
+                "bytes waited for the target in a spill file",
+                Duration::from_secs(10)
+            )
+            .await,
+        "{}",
+        agent.output()
+    );
+    assert!(!agent.output().contains("tunnel lost"));
+}
+
+/// A target that takes nothing for `stall_timeout` is cut, its backlog dropped (spill file
+/// and all) and logged with its size; the tunnel serves on.
+#[tokio::test]
+async fn a_stalled_target_is_cut_after_stall_timeout_and_its_spill_file_goes() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        "[forward]\nmax_pending = \"1MiB\"\nstall_timeout = \"2s\"\n",
+    ));
+    agent.wait_ready().await;
+    let (held_port, _release, _got) = held_target().await;
+    let (code, s) = socks5(listen, "127.0.0.1", held_port).await;
+    assert_eq!(code, 0);
+    let (mut rd, mut wr) = s.unwrap().into_split();
+    let block = payload(16 << 20, 13);
+    tokio::spawn(async move {
+        let _ = wr.write_all(&block).await;
+        wr
+    });
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            spill_files(&agent) == 1
+        })
+        .await,
+        "no spill file; {}",
+        agent.output()
+    );
+    // Only the agent cutting the channel can end this connection.
+    let mut buf = [0u8; 16];
+    let res = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf)).await;
+    assert!(
+        matches!(res, Ok(Ok(0)) | Ok(Err(_))),
+        "the stalled channel was not cut: {res:?}"
+    );
+    assert!(
+        agent
+            .wait_output("took no data for 2s", Duration::from_secs(5))
+            .await,
+        "{}",
+        agent.output()
+    );
+    let line = agent
+        .output()
+        .lines()
+        .find(|l| l.contains("took no data"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("bytes for it were dropped"), "{line}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            spill_files(&agent) == 0
+        })
+        .await,
+        "the spill file outlived its channel"
+    );
+    assert_serves(listen).await;
 }

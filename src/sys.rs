@@ -1,0 +1,66 @@
+//! The system calls that neither std, tokio nor socket2 wraps: the crate's only unsafe code
+//! (`#![deny(unsafe_code)]` everywhere else). Each is a plain libc call on values we own.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Keep freed heap memory for reuse instead of returning it to the kernel at once. Bulk data
+/// passes through short-lived 32 KiB buffers; with glibc's default trim threshold (128 KiB)
+/// the heap shrank and regrew with every burst, and the page faults of refilling it cost more
+/// CPU than the copies themselves (README, "What the tuning found").
+pub fn keep_freed_memory(bytes: usize) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a tuning parameter of the allocator; called before any
+        // other thread exists.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, bytes) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = bytes;
+        false
+    }
+}
+
+/// Raise the soft limit on open files to the hard one, as most daemons do: each channel holds
+/// a socket to its target, so 1,000 channels need more than the usual soft limit of 1,024.
+pub fn raise_open_file_limit() -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass by valid pointer.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    }
+}
+
+/// `setsockopt` with an int value (`SO_RCVLOWAT`, `TCP_NOTSENT_LOWAT`; see transport.rs).
+pub fn set_int_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: usize,
+) -> io::Result<()> {
+    let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
