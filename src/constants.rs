@@ -99,7 +99,7 @@ pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600
 /// the transport's buffer (see transport.rs): bounds memory without ever blocking the session.
 pub const SSH_BACKLOG_HIGH: usize = 256 * 1024;
 /// A target's read that returns less than this is a small message (a reply), sent at once
-/// rather than after a turn behind bulk data (forward.rs).
+/// rather than after a turn behind bulk data (channel/splice.rs).
 pub const SMALL_READ: usize = 4 * 1024;
 /// Unsent bytes the kernel may hold for the SSH socket (`TCP_NOTSENT_LOWAT`, transport.rs).
 pub const SSH_NOTSENT_LOWAT: usize = 128 * 1024;
@@ -111,7 +111,7 @@ pub const INTAKE_HIGH: usize = 4 * 1024 * 1024;
 /// ... for at most this long without progress, then reads on regardless.
 pub const INTAKE_PAUSE_MAX: Duration = Duration::from_millis(500);
 /// Of each channel's in-memory backlog, only the first this-many bytes count toward that mark
-/// (plus anything beyond `max_pending`, see forward.rs): many busy channels pace the session
+/// (plus anything beyond `max_pending`, see channel/inbox.rs): many busy channels pace the session
 /// together, one slow target does not.
 pub const INTAKE_SHARE: u64 = 256 * 1024;
 /// russh's queue of packets from channel writers to the session loop.

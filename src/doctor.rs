@@ -12,13 +12,14 @@ use russh::keys::{PublicKey, PublicKeyOrCertificate};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::config::fingerprint;
 use crate::config::{self, ClientKey, Config, Sources};
 use crate::constants::DOCTOR_STEP_TIMEOUT;
 use crate::error::TunnelError;
 use crate::proxy::{self, Proxy};
 use crate::status;
 use crate::telemetry::State;
-use crate::tunnel::{authenticate, fingerprint, open_tcp, ssh_config};
+use crate::tunnel::{authenticate, open_tcp, ssh_config};
 
 /// Exit codes: 0 every hard step passed, 1 one failed, 78 the configuration is invalid.
 pub mod exit {

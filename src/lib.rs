@@ -6,6 +6,7 @@
 pub mod accept;
 pub mod agent;
 pub mod backoff;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod connect;
@@ -13,7 +14,6 @@ pub mod constants;
 pub mod count;
 pub mod doctor;
 pub mod error;
-pub mod forward;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

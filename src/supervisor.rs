@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
+use crate::channel::Forwarder;
 use crate::config::{self, Config, Sources};
 use crate::constants::{BACKOFF_RESET_AFTER, READY_WAIT_MAX, REPEAT_LOG_LIMIT};
 use crate::error::TunnelError;
-use crate::forward::Forwarder;
 use crate::telemetry::{Endpoints, Telemetry};
 use crate::tunnel::{self, Session};
 use crate::{logging, proxy, systemd};

@@ -7,7 +7,7 @@
 //!    `poll_flush` never wait: what the socket does not take goes to a buffer, which drains
 //!    whenever the session polls for reading (which it always does while idle), woken by
 //!    write readiness. The buffer is kept small at the source instead: channel tasks wait on
-//!    the [`Backlog`] before producing more (see `forward.rs`), so memory stays bounded.
+//!    the [`Backlog`] before producing more (see `channel/splice.rs`), so memory stays bounded.
 //! 2. **No delayed-ACK stalls.** sshd leaves Nagle on for forwarded channels, so a small
 //!    reply (a SOCKS answer, a query result) waits in sshd until our delayed ACK (~40 ms)
 //!    arrives. Re-arming `TCP_QUICKACK` after each small read makes us ACK at once; large

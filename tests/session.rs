@@ -556,7 +556,10 @@ async fn a_slow_targets_backlog_waits_on_disk_and_arrives_byte_exact() {
     // The bulk channel may have spilled too (its sink runs in this process); its file goes
     // with it, the slow target's stays.
     assert!(
-        eventually(Duration::from_secs(10), || async { spill_files(&agent) == 1 }).await,
+        eventually(Duration::from_secs(10), || async {
+            spill_files(&agent) == 1
+        })
+        .await,
         "the slow target's backlog is no longer waiting: {} spill files",
         spill_files(&agent)
     );

@@ -1,0 +1,297 @@
+//! One forwarded channel: read its SOCKS request, check the destination policy, resolve and
+//! connect, answer, then splice bytes both ways with half-close (splice.rs). The channel's
+//! input arrives through its inbox (inbox.rs).
+
+mod inbox;
+mod splice;
+
+pub use inbox::{inbox, ChannelInput, Inbound, Inbox};
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use russh::client::Msg;
+use russh::ChannelWriteHalf;
+use tokio::net::TcpStream;
+
+use crate::config::ForwardConfig;
+use crate::connect;
+use crate::constants::{CHANNEL_CLOSE_WAIT, CONNECT_STAGGER, SOCKS_HANDSHAKE_TIMEOUT};
+use crate::count::OpenGuard;
+use crate::socks::{self, Host, Reply, Request};
+use crate::telemetry::Telemetry;
+use crate::transport::Backlog;
+use inbox::Duplex;
+use splice::{splice, End};
+
+/// What every channel shares: the live forward settings, the channel count and telemetry.
+pub struct Forwarder {
+    settings: RwLock<Arc<ForwardConfig>>,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl Forwarder {
+    pub fn new(settings: ForwardConfig, telemetry: Arc<Telemetry>) -> Self {
+        Forwarder {
+            settings: RwLock::new(Arc::new(settings)),
+            telemetry,
+        }
+    }
+
+    pub fn settings(&self) -> Arc<ForwardConfig> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies to channels opened from now on; open channels keep running untouched.
+    pub fn update(&self, settings: ForwardConfig) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+    }
+}
+
+/// What a channel task gets from its session: where it came from (for logs) and the session's output backlog.
+pub struct ChannelContext {
+    pub originator: String,
+    pub backlog: Arc<Backlog>,
+}
+
+/// Run one channel to its end, with the settings its inbox was made with. `guard` is
+/// released when the channel is done.
+pub async fn serve_channel(
+    mut input: ChannelInput,
+    channel: ChannelWriteHalf<Msg>,
+    fwd: Arc<Forwarder>,
+    settings: Arc<ForwardConfig>,
+    guard: OpenGuard,
+    origin: ChannelContext,
+) {
+    let metrics = &fwd.telemetry.metrics;
+    let mut writer = channel.make_writer();
+    let started = Instant::now();
+    let over_limit = fwd.telemetry.active.get() > settings.max_connections;
+
+    let request = {
+        let mut stream = Duplex {
+            input: &mut input,
+            output: &mut writer,
+        };
+        match tokio::time::timeout(SOCKS_HANDSHAKE_TIMEOUT, socks::read_request(&mut stream)).await
+        {
+            Ok(Ok(r)) => {
+                metrics
+                    .socks_handshake
+                    .observe(started.elapsed().as_secs_f64());
+                r
+            }
+            Ok(Err(e)) => {
+                metrics.channel_outcome("socks_error");
+                log::info!(originator = origin.originator.as_str(), error_class = "socks"; "channel from {} closed: {e}", origin.originator);
+                return refuse(&channel, &mut input, guard).await;
+            }
+            Err(_) => {
+                metrics.channel_outcome("socks_timeout");
+                log::info!(originator = origin.originator.as_str(), error_class = "socks_timeout"; "channel from {} closed: no complete SOCKS request within {SOCKS_HANDSHAKE_TIMEOUT:?}", origin.originator);
+                return refuse(&channel, &mut input, guard).await;
+            }
+        }
+    };
+    let target = format!("{}:{}", request.host, request.port);
+
+    let connecting = Instant::now();
+    let connected = if over_limit {
+        Err((
+            Reply::GeneralFailure,
+            format!(
+                "refused: {} channels are open, [forward] max_connections is {}",
+                fwd.telemetry.active.get() - 1,
+                settings.max_connections
+            ),
+        ))
+    } else {
+        connect_target(&request, &settings).await
+    };
+    let stream = match connected {
+        Ok(s) => {
+            metrics
+                .target_connect
+                .observe(connecting.elapsed().as_secs_f64());
+            s
+        }
+        Err((reply, why)) => {
+            let class = if over_limit {
+                "over_limit"
+            } else {
+                reply_class(reply)
+            };
+            metrics.channel_outcome(class);
+            log::warn!(target_addr = target.as_str(), target = target.as_str(), error_class = class; "connection to {target} failed: {why}");
+            let _ = socks::write_reply(&mut writer, request.version, reply, None).await;
+            return refuse(&channel, &mut input, guard).await;
+        }
+    };
+    let bound = stream.local_addr().ok();
+    if socks::write_reply(&mut writer, request.version, Reply::Succeeded, bound)
+        .await
+        .is_err()
+    {
+        drop(stream);
+        return refuse(&channel, &mut input, guard).await;
+    }
+    log::debug!(target = target.as_str(); "channel open to {target}");
+    metrics.channel_outcome("ok");
+
+    let counts = fwd
+        .telemetry
+        .open_channel(target.clone(), origin.originator.clone());
+    let cut = input.cut.clone();
+    let end = tokio::select! {
+        end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts, settings.stall_timeout) => end,
+        _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
+    };
+    let spilled = input.spilled_total;
+    // A normal end means both sides sent EOF: the server closes the channel.
+    if matches!(end, End::Normal) {
+        close_after_server(&channel, &mut input).await;
+    } else {
+        let _ = channel.close().await;
+    }
+    drop(guard);
+    let secs = started.elapsed().as_secs_f64();
+    let up = counts.to_target.load(Ordering::Relaxed);
+    let down = counts.from_target.load(Ordering::Relaxed);
+    drop(counts);
+    let on_disk = if spilled > 0 {
+        format!("; {spilled} bytes waited for the target in a spill file")
+    } else {
+        String::new()
+    };
+    match end {
+        End::Normal => log::info!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, bytes_spilled = spilled;
+            "channel to {target} closed after {secs:.1}s: {up} bytes to target, {down} bytes from target{on_disk}"),
+        End::Overflow(pending) => log::warn!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "overflow";
+            "channel to {target} cut: the target fell {pending} bytes behind in memory with its spill file full ([forward] max_pending is {}, max_spill {}); other channels are unaffected", settings.max_pending, settings.max_spill),
+        End::Stalled(backlog) => log::warn!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "stalled";
+            "channel to {target} cut: the target took no data for {:?} ([forward] stall_timeout); {backlog} bytes for it were dropped ({up} bytes reached it)", settings.stall_timeout),
+        End::Error(e) => log::info!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "io";
+            "channel to {target} ended after {secs:.1}s: {e} ({up} bytes to target, {down} bytes from target)"),
+    }
+}
+
+/// End a channel the agent will not serve (a bad or late SOCKS request, a denied or failed
+/// target) the way the normal path ends one: send EOF and let the server close it (see
+/// [`close_after_server`]). The channel no longer counts as open meanwhile.
+async fn refuse(channel: &ChannelWriteHalf<Msg>, input: &mut ChannelInput, guard: OpenGuard) {
+    drop(guard);
+    if channel.eof().await.is_ok() {
+        close_after_server(channel, input).await;
+    } else {
+        let _ = channel.close().await;
+    }
+}
+
+/// Once both sides sent EOF the server closes the channel itself; wait for that close.
+/// russh (0.65) forgets a channel only when the close comes from the server: one the agent
+/// closed first stayed in its tables for good (about 4 KiB each). A server that has not closed
+/// within `CHANNEL_CLOSE_WAIT` (or an overflow meanwhile) gets our close after all.
+async fn close_after_server(channel: &ChannelWriteHalf<Msg>, input: &mut ChannelInput) {
+    let closed_by_server = tokio::time::timeout(CHANNEL_CLOSE_WAIT, input.closed())
+        .await
+        .is_ok_and(|overflow| overflow.is_none());
+    if !closed_by_server {
+        let _ = channel.close().await;
+    }
+}
+
+fn reply_class(r: Reply) -> &'static str {
+    match r {
+        Reply::NotAllowed => "denied",
+        Reply::ConnectionRefused => "refused",
+        Reply::TtlExpired => "timeout",
+        Reply::HostUnreachable => "host_unreachable",
+        Reply::NetworkUnreachable => "network_unreachable",
+        _ => "failed",
+    }
+}
+
+/// Resolve (on this host, with the system resolver), apply the policy to each address, and
+/// connect to the first that answers, all within `connect_timeout`.
+async fn connect_target(
+    req: &Request,
+    settings: &ForwardConfig,
+) -> Result<TcpStream, (Reply, String)> {
+    let attempt = async {
+        let (name, addrs): (Option<&str>, Vec<SocketAddr>) = match &req.host {
+            Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, req.port)]),
+            Host::Name(n) => {
+                let addrs = tokio::net::lookup_host((n.as_str(), req.port))
+                    .await
+                    .map_err(|e| {
+                        (
+                            Reply::HostUnreachable,
+                            format!("name {n} not resolved: {e}"),
+                        )
+                    })?;
+                (Some(n.as_str()), addrs.collect())
+            }
+        };
+        // The policy decides on each address; the allowed ones race (see connect.rs).
+        let mut denied = None;
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(
+                |addr| match settings.policy.check(name, addr.ip(), addr.port()) {
+                    Ok(()) => true,
+                    Err(denial) => {
+                        denied = Some((Reply::NotAllowed, format!("{addr} {denial}")));
+                        false
+                    }
+                },
+            )
+            .collect();
+        if allowed.is_empty() {
+            return Err(denied.unwrap_or((
+                Reply::HostUnreachable,
+                "the name has no addresses".to_string(),
+            )));
+        }
+        match connect::first_of(&allowed, CONNECT_STAGGER).await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Err(errors) => Err(errors.last().map_or(
+                (Reply::GeneralFailure, "no address answered".to_string()),
+                |(addr, e)| (io_reply(e), format!("{addr}: {e}")),
+            )),
+        }
+    };
+    match tokio::time::timeout(settings.connect_timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            Reply::TtlExpired,
+            format!(
+                "timed out after {:?} ([forward] connect_timeout)",
+                settings.connect_timeout
+            ),
+        )),
+    }
+}
+
+fn io_reply(e: &io::Error) -> Reply {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Reply::ConnectionRefused,
+        io::ErrorKind::NetworkUnreachable => Reply::NetworkUnreachable,
+        io::ErrorKind::HostUnreachable => Reply::HostUnreachable,
+        io::ErrorKind::TimedOut => Reply::TtlExpired,
+        _ => Reply::GeneralFailure,
+    }
+}

@@ -1,0 +1,199 @@
+//! Copying a channel's bytes both ways once its target is connected: server to target from
+//! the channel's input in vectored batches, target to server paced by the SSH window and the
+//! transport's backlog, with half-close, and a cut for a target that takes nothing for
+//! `stall_timeout`.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use russh::client::Msg;
+use russh::ChannelWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::inbox::ChannelInput;
+use crate::constants::{SMALL_READ, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS};
+use crate::telemetry::ChannelStat;
+use crate::transport::Backlog;
+
+pub(super) enum End {
+    Normal,
+    Overflow(u64),
+    /// The target took nothing for `stall_timeout`; the bytes that were waiting for it.
+    Stalled(u64),
+    Error(io::Error),
+}
+
+/// The error `write_all_vectored` ends with when the target makes no progress.
+#[derive(Debug)]
+struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the target took no data")
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+/// Copy both ways until both sides are done. EOF in one direction is passed on as a
+/// half-close and the other direction keeps flowing. A close from the server, an overflow,
+/// or an error on either side ends both.
+pub(super) async fn splice<W: AsyncWrite + Unpin>(
+    input: &mut ChannelInput,
+    target: TcpStream,
+    channel: &ChannelWriteHalf<Msg>,
+    writer: &mut W,
+    backlog: &Backlog,
+    counts: &ChannelStat,
+    stall_timeout: Duration,
+) -> End {
+    let (tr, mut tw) = target.into_split();
+    let server_eof = AtomicBool::new(false);
+
+    let end = {
+        // Server -> target. After the server's EOF it keeps watching the inbox, so that a
+        // close from the server is seen even while the other direction is still busy.
+        let up = async {
+            // What has queued up meanwhile goes out in one vectored write: one system call
+            // per batch instead of one per SSH packet, and no copy.
+            let mut batch: Vec<Bytes> = Vec::with_capacity(SPLICE_IOVECS);
+            while let Some(chunk) = input.next_chunk().await {
+                let mut len = chunk.len();
+                batch.push(chunk);
+                while len < SPLICE_BATCH && batch.len() < SPLICE_IOVECS {
+                    match input.try_next_data() {
+                        Some(b) => {
+                            len += b.len();
+                            batch.push(b);
+                        }
+                        None => break,
+                    }
+                }
+                write_all_vectored(&mut tw, &mut batch, stall_timeout).await?;
+                input.consumed(len);
+                counts.add_to_target(len as u64);
+            }
+            if input.eof {
+                server_eof.store(true, Ordering::Relaxed);
+                tw.shutdown().await?;
+                if let Some(n) = input.closed().await {
+                    input.overflow = Some(n);
+                }
+            }
+            Ok::<(), io::Error>(())
+        };
+        // Target -> server, then our EOF. A buffer exists only while data is in hand (an
+        // idle channel holds none): with a thousand open channels, per-channel read buffers
+        // would be most of the agent's memory. While the server's window for this channel is
+        // open, the channel takes a turn and waits for room in the transport before it reads
+        // (see `Backlog`), so output is produced no faster than the socket takes it.
+        let down = async {
+            loop {
+                tr.readable().await?;
+                let window = channel.writable_packet_size().await;
+                // A small reply (a query result, a protocol message) goes to the session at
+                // once: it must not wait for a turn behind bulk data. What fills the small
+                // read is bulk, and waits like bulk (holding only that much meanwhile).
+                let small = if window > 0 {
+                    window.min(SMALL_READ)
+                } else {
+                    SPLICE_BUFFER_SIZE
+                };
+                let mut buf = BytesMut::with_capacity(small);
+                let first = match tr.try_read_buf(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    // A reset after the client's EOF is how some servers end a session
+                    // (PostgreSQL after Terminate, like any server closing with unread
+                    // data): the exchange is over, so it ends the channel normally.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::ConnectionReset
+                            && server_eof.load(Ordering::Relaxed) =>
+                    {
+                        break
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut turn = None;
+                if window > 0 && first == small && first < window {
+                    // Bulk: take a turn and wait for room in the transport before reading
+                    // the rest of a packet (see `Backlog`).
+                    turn = backlog.turn().await;
+                    backlog.wait_room().await;
+                    buf.reserve(window.min(SPLICE_BUFFER_SIZE) - first);
+                    match tr.try_read_buf(&mut buf) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        // EOF and errors show again on the next read; first send what we have.
+                        Err(_) => {}
+                    }
+                }
+                let n = buf.len();
+                // Owned bytes go to the session as they are: the `AsyncWrite` path would
+                // copy them into a fresh allocation per packet.
+                channel
+                    .data_bytes(buf.freeze())
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+                drop(turn);
+                counts.add_from_target(n as u64);
+            }
+            writer.shutdown().await
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            r = &mut up => r.err(),
+            r = &mut down => match r {
+                Ok(()) if server_eof.load(Ordering::Relaxed) => None,
+                Ok(()) => up.await.err(),
+                Err(e) => Some(e),
+            },
+        }
+    };
+    if let Some(n) = input.overflow {
+        return End::Overflow(n);
+    }
+    if let Some(e) = input.failed.take() {
+        return End::Error(e);
+    }
+    match end {
+        Some(e) if e.get_ref().is_some_and(|i| i.is::<Stalled>()) => End::Stalled(input.backlog()),
+        Some(e) => End::Error(e),
+        None => End::Normal,
+    }
+}
+
+/// Write every byte of `batch` with vectored writes, leaving it empty. A write that takes
+/// nothing for `stall` fails with [`Stalled`].
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &mut Vec<Bytes>,
+    stall: Duration,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let slices: Vec<io::IoSlice<'_>> =
+            batch[first..].iter().map(|b| io::IoSlice::new(b)).collect();
+        let mut n = tokio::time::timeout(stall, w.write_vectored(&slices))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, Stalled))??;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let b = &mut batch[first];
+            let k = n.min(b.len());
+            b.advance(k);
+            n -= k;
+            if b.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! One SSH session: connect out, pin the host key, authenticate, ask for the dynamic remote
+//! forward, and hand each forwarded channel to `channel/`.
+//!
+//! Head-of-line blocking: russh pushes incoming channel data into a bounded per-channel queue
+//! with an awaited send, so a channel whose reader stalls would freeze the whole session. No
+//! channel task reads those queues: data arrives through the handler's `data` callback, which
+//! queues it in the channel's own [`Inbox`] without waiting. The handler itself empties
+//! russh's queue in every callback for the channel (taking the data from it without a copy),
+//! so the queue never fills; see [`Inbox::with_queue`].
+
+mod dial;
+mod handler;
+mod ssh;
+
+pub use dial::open_tcp;
+pub use ssh::{aes_in_hardware, cipher_preference, ssh_config};
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use russh::client::{self, Handle};
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
+use tokio::sync::oneshot;
+
+use crate::channel::Forwarder;
+use crate::config::{fingerprint, TunnelConfig};
+use crate::constants::*;
+use crate::count::OpenCount;
+use crate::error::TunnelError;
+use crate::transport::{Backlog, Intake, Transport};
+use handler::{Client, HandlerError};
+
+/// An established session with the remote forward in place.
+pub struct Session {
+    handle: Handle<Client>,
+    accepting: Arc<AtomicBool>,
+    channels: Arc<OpenCount>,
+    pub listen: (String, u16),
+    pub server: String,
+    pub since: Instant,
+    keepalive_window: Duration,
+    ended: oneshot::Receiver<TunnelError>,
+    finished: bool,
+    next_probe: tokio::time::Instant,
+    probe_deadline: Option<tokio::time::Instant>,
+    /// Bytes read from the server so far, and at the start of the current probe.
+    received: Arc<AtomicU64>,
+    received_at_probe: u64,
+    /// A second descriptor of the session's TCP socket, to shut the connection down when the
+    /// session is declared wedged: dropping russh's `Handle` does not end its session task
+    /// while channels hold senders to it, nor a task that is stuck.
+    socket: Option<OwnedFd>,
+}
+
+async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) -> Result<(), ()> {
+    let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
+    match tokio::time::timeout_at(deadline, handle.send_ping()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Connect, authenticate and request the forward. Every failure is classified.
+pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
+    let server = t.route();
+    let tcp = open_tcp(t).await?;
+    let socket = tcp.as_fd().try_clone_to_owned().ok();
+    tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
+        server: server.clone(),
+        via: String::new(),
+        reason: e.to_string(),
+    })?;
+
+    let received = Arc::new(AtomicU64::new(0));
+    let accepting = Arc::new(AtomicBool::new(true));
+    let channels = Arc::new(OpenCount::default());
+    let backlog = Arc::new(Backlog::default());
+    let intake = Arc::new(Intake::default());
+    let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
+    let (ended_tx, ended_rx) = oneshot::channel();
+    let handler = Client {
+        pins: t.host_keys.clone(),
+        fwd,
+        channels: channels.clone(),
+        accepting: accepting.clone(),
+        backlog: backlog.clone(),
+        intake: intake.clone(),
+        inboxes: HashMap::new(),
+        prune_at: 64,
+        ended: Some(ended_tx),
+        keepalive_window,
+        listen_port: t.listen_port,
+    };
+    let transport = Transport::new(tcp, backlog, intake, received.clone());
+    let handshake = async {
+        let mut handle = client::connect_stream(Arc::new(ssh_config(t)), transport, handler)
+            .await
+            .map_err(|e| match e {
+                HandlerError::HostKeyMismatch { presented } => TunnelError::HostKeyMismatch {
+                    server: server.clone(),
+                    expected: t.host_keys.iter().map(fingerprint).collect(),
+                    presented,
+                },
+                HandlerError::Ssh(e) => TunnelError::Handshake {
+                    server: server.clone(),
+                    reason: e.to_string(),
+                },
+            })?;
+        authenticate(&mut handle, t).await?;
+        match handle
+            .tcpip_forward(t.listen_address.clone(), u32::from(t.listen_port))
+            .await
+        {
+            Ok(_) => Ok(handle),
+            Err(russh::Error::RequestDenied) => Err(TunnelError::ForwardRefused {
+                address: t.listen_address.clone(),
+                port: t.listen_port,
+            }),
+            Err(e) => Err(TunnelError::Lost {
+                reason: e.to_string(),
+            }),
+        }
+    };
+    let handle = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(r) => r?,
+        Err(_) if received.load(Ordering::Relaxed) == 0 => {
+            return Err(TunnelError::BannerTimeout { server })
+        }
+        Err(_) => {
+            return Err(TunnelError::Handshake {
+                server,
+                reason: format!("no progress within {SSH_HANDSHAKE_TIMEOUT:?}"),
+            })
+        }
+    };
+    Ok(Session {
+        handle,
+        accepting,
+        channels,
+        listen: (t.listen_address.clone(), t.listen_port),
+        server,
+        since: Instant::now(),
+        keepalive_window,
+        ended: ended_rx,
+        finished: false,
+        next_probe: tokio::time::Instant::now() + LIVENESS_INTERVAL,
+        probe_deadline: None,
+        received,
+        received_at_probe: 0,
+        socket,
+    })
+}
+
+pub(crate) async fn authenticate<H: client::Handler>(
+    handle: &mut Handle<H>,
+    t: &TunnelConfig,
+) -> Result<(), TunnelError> {
+    // `run` loads with the key required, so only `doctor` from a shell gets here without it
+    // (and skips this step before).
+    let Some(secret) = t.key.loaded() else {
+        return Err(TunnelError::Lost {
+            reason: format!("the private key is {}", t.key.fingerprint()),
+        });
+    };
+    let key = secret.key();
+    let hash = if key.algorithm().is_rsa() {
+        // OpenSSH 8.8+ refuses SHA-1 signatures; default to SHA-512 if the server is silent.
+        match handle.best_supported_rsa_hash().await {
+            Ok(Some(Some(h))) => Some(h),
+            _ => Some(HashAlg::Sha512),
+        }
+    } else {
+        None
+    };
+    let result = handle
+        .authenticate_publickey(t.user.clone(), PrivateKeyWithHashAlg::new(key, hash))
+        .await
+        .map_err(|e| TunnelError::Lost {
+            reason: e.to_string(),
+        })?;
+    if result.success() {
+        Ok(())
+    } else {
+        Err(TunnelError::AuthRejected {
+            user: t.user.clone(),
+            fingerprint: t.key.fingerprint(),
+        })
+    }
+}
+
+impl Session {
+    pub fn open_channels(&self) -> usize {
+        self.channels.get()
+    }
+
+    /// Resolves when the session is over: closed by the server, dead keepalives, or wedged.
+    /// Cancellation-safe: the caller may drop and recreate this future (it does, to refresh
+    /// STATUS), and the liveness probe's schedule and deadline carry over.
+    pub async fn closed(&mut self) -> TunnelError {
+        if self.finished {
+            return TunnelError::Lost {
+                reason: "session already closed".into(),
+            };
+        }
+        loop {
+            tokio::select! {
+                r = &mut self.ended => {
+                    self.finished = true;
+                    return r.unwrap_or(TunnelError::Lost { reason: "the session ended".into() });
+                }
+                _ = tokio::time::sleep_until(self.next_probe), if self.probe_deadline.is_none() => {
+                    self.probe_deadline = Some(tokio::time::Instant::now() + self.keepalive_window + LIVENESS_INTERVAL);
+                    self.received_at_probe = self.received.load(Ordering::Relaxed);
+                }
+                r = probe(&self.handle, self.probe_deadline), if self.probe_deadline.is_some() => {
+                    // A ping that must come back: if the session loop itself is stuck, the
+                    // keepalives cannot catch it, this does. Under heavy load the answer can
+                    // queue behind a lot of data: a session that kept reading is not stuck.
+                    let progressed = self.received.load(Ordering::Relaxed) != self.received_at_probe;
+                    if r.is_err() && !progressed {
+                        self.finished = true;
+                        self.shut_down_socket();
+                        return TunnelError::Wedged { window: self.keepalive_window + LIVENESS_INTERVAL };
+                    }
+                    self.probe_deadline = None;
+                    self.next_probe = tokio::time::Instant::now() + LIVENESS_INTERVAL;
+                }
+            }
+        }
+    }
+
+    /// End the TCP connection under a session that no longer answers: the peer sees it
+    /// closed, and russh's task, waiting on the socket, ends with an error, dropping the
+    /// socket and its channels.
+    fn shut_down_socket(&mut self) {
+        if let Some(fd) = self.socket.take() {
+            let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Stop taking new channels and give the listen port back to the server.
+    pub async fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+        let (addr, port) = &self.listen;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.handle
+                .cancel_tcpip_forward(addr.clone(), u32::from(*port)),
+        )
+        .await;
+    }
+
+    /// Let open channels finish (up to `timeout`), then disconnect. Returns the channels cut.
+    pub async fn retire(self, timeout: Duration) -> usize {
+        self.stop_accepting().await;
+        let _ = tokio::time::timeout(timeout, self.channels.wait_zero()).await;
+        let left = self.channels.get();
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "agent stopping", "")
+            .await;
+        left
+    }
+}
