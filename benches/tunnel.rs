@@ -354,7 +354,7 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
         fanout(pid, listen, svc, sc, &mut r).await;
     }
     if sc.runs("idle") {
-        let mut lat = paced_pings(listen, svc.echo, 300).await;
+        let mut lat = paced_pings(listen, svc.echo, |n| n >= 300).await;
         r.idle_ping_p50_ms = percentile(&mut lat, 0.5);
         r.idle_ping_p99_ms = percentile(&mut lat, 0.99);
     }
@@ -367,16 +367,17 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
     r
 }
 
-/// One channel, a 100-byte exchange every `PING_EVERY`, `count` times: the latencies, ms.
-async fn paced_pings(listen: u16, echo: u16, count: usize) -> Vec<f64> {
+/// One channel, a 100-byte exchange every `PING_EVERY`, until `done` (given the count so far)
+/// says so: the latencies, ms.
+async fn paced_pings(listen: u16, echo: u16, done: impl Fn(usize) -> bool) -> Vec<f64> {
     let (code, s) = socks5(listen, "127.0.0.1", echo).await;
     assert_eq!(code, 0);
     let mut s = s.unwrap();
     let msg = [7u8; 100];
     let mut back = [0u8; 100];
-    let mut lat = Vec::with_capacity(count);
+    let mut lat = Vec::new();
     let mut tick = tokio::time::interval(PING_EVERY);
-    for _ in 0..count {
+    while !done(lat.len()) {
         tick.tick().await;
         let t = Instant::now();
         s.write_all(&msg).await.unwrap();
@@ -386,27 +387,16 @@ async fn paced_pings(listen: u16, echo: u16, count: usize) -> Vec<f64> {
     lat
 }
 
-/// Pings until `stop` is set: the latencies, ms.
+/// Paced pings until `stop` is set.
 async fn pings_until(
     listen: u16,
     echo: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<f64> {
-    let (code, s) = socks5(listen, "127.0.0.1", echo).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let msg = [7u8; 100];
-    let mut back = [0u8; 100];
-    let mut lat = Vec::new();
-    let mut tick = tokio::time::interval(PING_EVERY);
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        tick.tick().await;
-        let t = Instant::now();
-        s.write_all(&msg).await.unwrap();
-        s.read_exact(&mut back).await.unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    lat
+    paced_pings(listen, echo, move |_| {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await
 }
 
 /// Downloads until `stop` is set: MiB/s.

@@ -4,10 +4,8 @@
 use std::time::Duration;
 
 /// One worker thread runs the agent (DNS lookups still get the blocking pool). All of a
-/// session's encryption happens in russh's one session task anyway; a second worker only
-/// added cross-thread wake-ups: on the 2-core benchmark machine one worker moved bulk data
-/// 1.14-1.35x OpenSSH at 0.75x its CPU per GiB, two workers 0.81-1.05x at 1.13-1.21x, in the
-/// same interleaved runs.
+/// session's encryption happens in russh's one session task anyway; a second worker only added
+/// cross-thread wake-ups, and measured slower at more CPU per GiB (docs/performance.md).
 pub const RUNTIME_WORKER_THREADS: usize = 1;
 /// Freed heap memory up to this much is kept for reuse rather than returned to the kernel
 /// (glibc's M_TRIM_THRESHOLD; see main.rs).

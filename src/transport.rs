@@ -14,12 +14,13 @@
 //!    reads (bulk data) skip the system call, keeping the fast path cheap.
 //! 3. **Reading no faster than the channels deliver.** russh re-opens a channel's SSH window
 //!    as data arrives, not as it is consumed, so the window bounds nothing: with many busy
-//!    channels the data queued for targets grew without bound (1,000 concurrent channels took
-//!    the agent to 400+ MiB). While more than `INTAKE_HIGH` bytes wait for targets, the
-//!    transport stops reading the socket and TCP holds the server back. Pausing must never
-//!    stall the tunnel behind targets that stopped reading: if a pause sees no progress at all
-//!    within `INTAKE_PAUSE_MAX`, pausing is off until the queue is below half the mark again
-//!    (stuck channels are then bounded by `max_pending` each, as before).
+//!    channels the data queued for targets grew without bound (docs/performance.md). While
+//!    more than `INTAKE_HIGH` counted bytes wait for targets (what counts: channel/inbox.rs;
+//!    a slow target's own backlog goes to its spill file instead), the transport stops
+//!    reading the socket and TCP holds the server back. Pausing must never stall the tunnel
+//!    behind targets that stopped reading: if a pause sees no progress at all within
+//!    `INTAKE_PAUSE_MAX`, pausing is off until the queue is below half the mark again (a
+//!    stuck target is cut after `stall_timeout`, or at twice `max_pending` in memory).
 //! 4. **Counting bytes received**, to know whether the server spoke at all, so a silent
 //!    server (firewall, "stuck on the version number") is told apart from a slow handshake.
 //! 5. **Fewer wake-ups for bulk data.** The agent decrypts faster than sshd encrypts, so

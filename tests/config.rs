@@ -10,8 +10,7 @@ use std::process::{Command, Output};
 use base64::Engine;
 use common::*;
 
-const HOST_KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBo2+mYwlNTvJXrNCETYHrrHyUGMnWdQO5vEhFVU833o";
+const HOST_KEY: &str = secoda_agent::constants::SECODA_HOST_KEY;
 
 struct Fixture {
     dir: tempfile::TempDir,

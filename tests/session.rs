@@ -370,34 +370,9 @@ async fn a_stalled_target_blocks_no_other_channel() {
         stalled
     });
 
-    // A sink that counts bytes until EOF and answers with the count.
-    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sink_port = sink.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (mut s, _) = sink.accept().await.unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0u64;
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k as u64,
-            }
-        }
-        s.write_all(n.to_string().as_bytes()).await.unwrap();
-    });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (code, s) = socks5(listen, "127.0.0.1", sink_port).await;
-    assert_eq!(code, 0);
-    let mut bulk = s.unwrap();
-    let chunk = payload(1 << 20, 6);
     let started = std::time::Instant::now();
-    for _ in 0..100 {
-        bulk.write_all(&chunk).await.unwrap();
-    }
-    bulk.shutdown().await.unwrap();
-    let mut answer = String::new();
-    bulk.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(answer, (100u64 << 20).to_string());
+    move_100_mib(listen, 6).await;
     eprintln!(
         "100 MiB beside a stalled channel in {:?}",
         started.elapsed()
@@ -426,29 +401,9 @@ async fn without_a_spill_file_a_channel_past_max_pending_is_cut_alone() {
         "[forward]\nmax_pending = \"1MiB\"\nmax_spill = \"0\"\n",
     ));
     agent.wait_ready().await;
-    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stall_port = stall.local_addr().unwrap().port();
-    let holder = tokio::spawn(async move {
-        let (s, _) = stall.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(s);
-    });
-    let (code, s) = socks5(listen, "127.0.0.1", stall_port).await;
-    assert_eq!(code, 0);
-    let (mut rd, mut wr) = s.unwrap().into_split();
-    let block = payload(32 << 20, 7);
-    tokio::spawn(async move {
-        let _ = wr.write_all(&block).await;
-        wr
-    });
-    // The target never answers and never closes: only the agent cutting the channel can end
-    // this connection.
-    let mut buf = [0u8; 16];
-    let res = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf)).await;
-    assert!(
-        matches!(res, Ok(Ok(0)) | Ok(Err(_))),
-        "the stalled channel was not cut: {res:?}"
-    );
+    let (held_port, _release, _got) = held_target().await;
+    let mut rd = send_to(listen, held_port, payload(32 << 20, 7)).await;
+    assert_cut(&mut rd).await;
     assert!(
         agent.wait_output("fell", Duration::from_secs(5)).await,
         "{}",
@@ -456,7 +411,29 @@ async fn without_a_spill_file_a_channel_past_max_pending_is_cut_alone() {
     );
     assert_serves(listen).await;
     assert!(!agent.output().contains("tunnel lost"));
-    holder.abort();
+}
+
+/// A channel to `port` with `data` being written into it meanwhile: its read half.
+async fn send_to(listen: u16, port: u16, data: Vec<u8>) -> tokio::net::tcp::OwnedReadHalf {
+    let (code, s) = socks5(listen, "127.0.0.1", port).await;
+    assert_eq!(code, 0);
+    let (rd, mut wr) = s.unwrap().into_split();
+    tokio::spawn(async move {
+        let _ = wr.write_all(&data).await;
+        wr
+    });
+    rd
+}
+
+/// The target never answers and never closes: only the agent cutting the channel can end
+/// the connection.
+async fn assert_cut(rd: &mut tokio::net::tcp::OwnedReadHalf) {
+    let mut buf = [0u8; 16];
+    let res = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf)).await;
+    assert!(
+        matches!(res, Ok(Ok(0)) | Ok(Err(_))),
+        "the stalled channel was not cut: {res:?}"
+    );
 }
 
 /// Spill files the agent holds open: unnamed files in the temporary directory.
@@ -528,31 +505,7 @@ async fn a_slow_targets_backlog_waits_on_disk_and_arrives_byte_exact() {
     );
 
     // Meanwhile another channel moves 100 MiB through the same session.
-    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sink_port = sink.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (mut s, _) = sink.accept().await.unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0u64;
-        while let Ok(k) = s.read(&mut buf).await {
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        s.write_all(n.to_string().as_bytes()).await.unwrap();
-    });
-    let (code, s) = socks5(listen, "127.0.0.1", sink_port).await;
-    assert_eq!(code, 0);
-    let mut bulk = s.unwrap();
-    let chunk = payload(1 << 20, 12);
-    for _ in 0..100 {
-        bulk.write_all(&chunk).await.unwrap();
-    }
-    bulk.shutdown().await.unwrap();
-    let mut answer = String::new();
-    bulk.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(answer, (100u64 << 20).to_string());
+    move_100_mib(listen, 12).await;
     // The bulk channel may have spilled too (its sink runs in this process); its file goes
     // with it, the slow target's stays.
     assert!(
@@ -604,14 +557,7 @@ async fn a_stalled_target_is_cut_after_stall_timeout_and_its_spill_file_goes() {
     ));
     agent.wait_ready().await;
     let (held_port, _release, _got) = held_target().await;
-    let (code, s) = socks5(listen, "127.0.0.1", held_port).await;
-    assert_eq!(code, 0);
-    let (mut rd, mut wr) = s.unwrap().into_split();
-    let block = payload(16 << 20, 13);
-    tokio::spawn(async move {
-        let _ = wr.write_all(&block).await;
-        wr
-    });
+    let mut rd = send_to(listen, held_port, payload(16 << 20, 13)).await;
     assert!(
         eventually(Duration::from_secs(20), || async {
             spill_files(&agent) == 1
@@ -620,13 +566,7 @@ async fn a_stalled_target_is_cut_after_stall_timeout_and_its_spill_file_goes() {
         "no spill file; {}",
         agent.output()
     );
-    // Only the agent cutting the channel can end this connection.
-    let mut buf = [0u8; 16];
-    let res = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf)).await;
-    assert!(
-        matches!(res, Ok(Ok(0)) | Ok(Err(_))),
-        "the stalled channel was not cut: {res:?}"
-    );
+    assert_cut(&mut rd).await;
     assert!(
         agent
             .wait_output("took no data for 2s", Duration::from_secs(5))
@@ -649,4 +589,34 @@ async fn a_stalled_target_is_cut_after_stall_timeout_and_its_spill_file_goes() {
         "the spill file outlived its channel"
     );
     assert_serves(listen).await;
+}
+
+/// 100 MiB through the tunnel to a sink that counts bytes until EOF and answers with the
+/// count: every byte must arrive.
+async fn move_100_mib(listen: u16, seed: u64) {
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = sink.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        while let Ok(k) = s.read(&mut buf).await {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        s.write_all(n.to_string().as_bytes()).await.unwrap();
+    });
+    let (code, s) = socks5(listen, "127.0.0.1", sink_port).await;
+    assert_eq!(code, 0);
+    let mut bulk = s.unwrap();
+    let chunk = payload(1 << 20, seed);
+    for _ in 0..100 {
+        bulk.write_all(&chunk).await.unwrap();
+    }
+    bulk.shutdown().await.unwrap();
+    let mut answer = String::new();
+    bulk.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, (100u64 << 20).to_string());
 }

@@ -1,0 +1,83 @@
+//! Network namespaces, for black holes (nft) and private /etc/hosts.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::command_in;
+
+/// A network namespace with loopback up, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("sa-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success(),
+            "ip netns add (tests run as root)"
+        );
+        assert!(Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        NetNs { name }
+    }
+
+    /// Run a command inside; panics if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = command_in(Some(&self.name), args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl NetNs {
+    /// Drop TCP packets matching each `(direction, port)` (e.g. `("dport", 22)`) on `hook`
+    /// (`input` or `output`), in nft table `table` (delete the table to let them through).
+    pub fn drop_tcp(&self, table: &str, hook: &str, matches: &[(&str, u16)]) {
+        self.run(&["nft", "add", "table", "inet", table]);
+        let chain = format!("{{ type filter hook {hook} priority 0 ; }}");
+        self.run(&["nft", "add", "chain", "inet", table, hook, &chain]);
+        for (direction, port) in matches {
+            let port = port.to_string();
+            self.run(&[
+                "nft", "add", "rule", "inet", table, hook, "tcp", direction, &port, "drop",
+            ]);
+        }
+    }
+}
+
+impl NetNs {
+    /// `python3 -m http.server` on port 8080 at `bind` inside, serving `dir`; kill it when done.
+    pub fn serve_http(&self, dir: &Path, bind: &str) -> std::process::Child {
+        command_in(Some(&self.name), "python3")
+            .args(["-m", "http.server", "8080", "--bind", bind, "--directory"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
