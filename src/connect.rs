@@ -2,7 +2,8 @@
 //! addresses in turn, families interleaved, each attempt started `CONNECT_STAGGER` after the
 //! previous one (or at once when it fails), the first connection winning and the others
 //! dropped. One black-holed address (an unroutable AAAA record, a stale DNS entry) then costs a
-//! quarter of a second, not the whole timeout. Used for the SSH server and for targets.
+//! quarter of a second, not the whole timeout. Used for the SSH server, the proxy, targets and
+//! `doctor`, after [`resolve`], the one name lookup they all share.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,6 +11,45 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+
+/// Why a name gave no addresses.
+#[derive(Debug)]
+pub enum ResolveError {
+    Failed(io::Error),
+    /// The resolver did not answer within the time given.
+    TimedOut(Duration),
+    NoAddresses,
+}
+
+impl std::fmt::Display for ResolveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResolveError::Failed(e) => e.fmt(f),
+            ResolveError::TimedOut(d) => write!(f, "the resolver did not answer within {d:?}"),
+            ResolveError::NoAddresses => f.write_str("the name has no addresses"),
+        }
+    }
+}
+
+/// `host`'s addresses (an IP literal is its own), with the system resolver, within `within`.
+pub async fn resolve(
+    host: &str,
+    port: u16,
+    within: Duration,
+) -> Result<Vec<SocketAddr>, ResolveError> {
+    match tokio::time::timeout(within, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(addrs)) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            if addrs.is_empty() {
+                Err(ResolveError::NoAddresses)
+            } else {
+                Ok(addrs)
+            }
+        }
+        Ok(Err(e)) => Err(ResolveError::Failed(e)),
+        Err(_) => Err(ResolveError::TimedOut(within)),
+    }
+}
 
 /// The connection, and which address it went to; or every address's error, in the order the
 /// attempts ended.

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -201,10 +202,10 @@ pub async fn reach(proxy: &Proxy) -> Result<(TcpStream, SocketAddr), TunnelError
         proxy: proxy.to_string(),
         reason,
     };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((proxy.host.as_str(), proxy.port))
+    // The caller's timeout bounds the lookup too.
+    let addrs = connect::resolve(&proxy.host, proxy.port, Duration::MAX)
         .await
-        .map_err(|e| unreachable(format!("cannot resolve {}: {e}", proxy.host)))?
-        .collect();
+        .map_err(|e| unreachable(format!("cannot resolve {}: {e}", proxy.host)))?;
     match connect::first_of(&addrs, CONNECT_STAGGER).await {
         Ok(found) => Ok(found),
         Err(errors) => Err(unreachable(match errors.last() {

@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use russh::client::Msg;
 use russh::ChannelWriteHalf;
@@ -232,7 +232,8 @@ async fn connect_target(
         let (name, addrs): (Option<&str>, Vec<SocketAddr>) = match &req.host {
             Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, req.port)]),
             Host::Name(n) => {
-                let addrs = tokio::net::lookup_host((n.as_str(), req.port))
+                // The caller's connect_timeout bounds the lookup too.
+                let addrs = connect::resolve(n, req.port, Duration::MAX)
                     .await
                     .map_err(|e| {
                         (
@@ -240,7 +241,7 @@ async fn connect_target(
                             format!("name {n} not resolved: {e}"),
                         )
                     })?;
-                (Some(n.as_str()), addrs.collect())
+                (Some(n.as_str()), addrs)
             }
         };
         // The policy decides on each address; the allowed ones race (see connect.rs).

@@ -3,6 +3,7 @@
 //! transport's backlog, with half-close, and a cut for a target that takes nothing for
 //! `stall_timeout`.
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -38,13 +39,34 @@ impl std::fmt::Display for Stalled {
 
 impl std::error::Error for Stalled {}
 
+/// Where a channel's bytes for the server go: russh's channel in the agent, a recorder in
+/// tests. `window` is what may be sent now (0 while the server's window is shut).
+pub(super) trait ChannelOutput {
+    fn window(&self) -> impl Future<Output = usize> + Send;
+    fn send(&self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl ChannelOutput for ChannelWriteHalf<Msg> {
+    async fn window(&self) -> usize {
+        self.writable_packet_size().await
+    }
+
+    async fn send(&self, data: Bytes) -> io::Result<()> {
+        // Owned bytes go to the session as they are: the `AsyncWrite` path would copy them
+        // into a fresh allocation per packet.
+        self.data_bytes(data)
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+    }
+}
+
 /// Copy both ways until both sides are done. EOF in one direction is passed on as a
-/// half-close and the other direction keeps flowing. A close from the server, an overflow,
-/// or an error on either side ends both.
-pub(super) async fn splice<W: AsyncWrite + Unpin>(
+/// half-close (`writer`'s shutdown) and the other direction keeps flowing. A close from the
+/// server, an overflow, or an error on either side ends both.
+pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
     input: &mut ChannelInput,
     target: TcpStream,
-    channel: &ChannelWriteHalf<Msg>,
+    channel: &C,
     writer: &mut W,
     backlog: &Backlog,
     counts: &ChannelStat,
@@ -93,7 +115,7 @@ pub(super) async fn splice<W: AsyncWrite + Unpin>(
         let down = async {
             loop {
                 tr.readable().await?;
-                let window = channel.writable_packet_size().await;
+                let window = channel.window().await;
                 // A small reply (a query result, a protocol message) goes to the session at
                 // once: it must not wait for a turn behind bulk data. What fills the small
                 // read is bulk, and waits like bulk (holding only that much meanwhile).
@@ -133,12 +155,7 @@ pub(super) async fn splice<W: AsyncWrite + Unpin>(
                     }
                 }
                 let n = buf.len();
-                // Owned bytes go to the session as they are: the `AsyncWrite` path would
-                // copy them into a fresh allocation per packet.
-                channel
-                    .data_bytes(buf.freeze())
-                    .await
-                    .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+                channel.send(buf.freeze()).await?;
                 drop(turn);
                 counts.add_from_target(n as u64);
             }
@@ -196,4 +213,116 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     }
     batch.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::channel::inbox;
+    use crate::config::ForwardConfig;
+    use crate::telemetry::{Endpoints, Telemetry};
+    use crate::transport::Intake;
+
+    /// Records what the channel sends to the server; its window is always open.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<u8>>);
+
+    impl ChannelOutput for Recorder {
+        async fn window(&self) -> usize {
+            32 * 1024
+        }
+
+        async fn send(&self, data: Bytes) -> io::Result<()> {
+            self.0.lock().unwrap().extend_from_slice(&data);
+            Ok(())
+        }
+    }
+
+    fn settings() -> ForwardConfig {
+        ForwardConfig {
+            connect_timeout: Duration::from_secs(1),
+            max_connections: 1,
+            max_pending: 1 << 20,
+            max_spill: 0,
+            stall_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(1),
+            policy: crate::policy::Policy::default(),
+        }
+    }
+
+    /// Both directions through a real socket pair, without SSH: the server's bytes reach the
+    /// target, the target's reach the channel, and each EOF is passed on as a half-close.
+    #[tokio::test]
+    async fn both_directions_with_half_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_side = TcpStream::connect(listener.local_addr().unwrap());
+        let (agent_side, accepted) = tokio::join!(agent_side, listener.accept());
+        let (mut target, _) = accepted.unwrap();
+        let (mut inbox, mut input) = inbox::inbox(&settings(), Arc::new(Intake::default()));
+        let telemetry = Telemetry::new(
+            None,
+            Endpoints {
+                server: "s:22".into(),
+                listen: "l:1".into(),
+                proxy: None,
+            },
+        );
+        let counts = telemetry.open_channel("t:1".into(), "o:1".into());
+        let (output, backlog) = (Recorder::default(), Backlog::default());
+        let mut eof = tokio::io::sink();
+
+        let from_server: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for part in from_server.chunks(32 * 1024) {
+            assert!(inbox.push(part));
+        }
+        inbox.eof();
+        let target_side = async {
+            let mut got = Vec::new();
+            target.read_to_end(&mut got).await.unwrap();
+            target
+                .write_all(b"reply after the server's EOF")
+                .await
+                .unwrap();
+            target.shutdown().await.unwrap();
+            got
+        };
+        let splicing = splice(
+            &mut input,
+            agent_side.unwrap(),
+            &output,
+            &mut eof,
+            &backlog,
+            &counts,
+            Duration::from_secs(60),
+        );
+        // The server closes the channel once both sides sent EOF: here, when the inbox goes.
+        let both = async {
+            tokio::join!(
+                async {
+                    let end = splicing.await;
+                    drop(inbox);
+                    end
+                },
+                target_side
+            )
+        };
+        let (end, got) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("a direction never ended: an EOF was not passed on");
+        assert!(
+            matches!(end, End::Normal),
+            "the splice did not end normally"
+        );
+        assert_eq!(got, from_server);
+        assert_eq!(
+            &output.0.lock().unwrap()[..],
+            b"reply after the server's EOF"
+        );
+        assert_eq!(counts.to_target.load(Ordering::Relaxed), 200_000);
+    }
 }

@@ -9,7 +9,8 @@ use tokio::net::TcpStream;
 
 use super::{elapsed_ms, Report};
 use crate::config::{self, Config};
-use crate::constants::DOCTOR_STEP_TIMEOUT;
+use crate::connect;
+use crate::constants::{CONNECT_STAGGER, DOCTOR_STEP_TIMEOUT};
 use crate::error::TunnelError;
 use crate::proxy::{self, Proxy};
 
@@ -28,26 +29,13 @@ pub(super) async fn network(r: &mut Report, cfg: &Config) -> Option<Route> {
         return banner(r, tcp, &server).await.then_some(Route::Proxy);
     }
     let started = Instant::now();
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
-        DOCTOR_STEP_TIMEOUT,
-        tokio::net::lookup_host((t.host.as_str(), t.port)),
-    )
-    .await
-    {
-        Ok(Ok(a)) => a.collect(),
-        Ok(Err(e)) => {
+    let addrs = match connect::resolve(&t.host, t.port, DOCTOR_STEP_TIMEOUT).await {
+        Ok(a) => a,
+        Err(e) => {
             r.fail(
                 "resolve",
                 format!("{}: {e}", t.host),
                 "check DNS on this host (/etc/resolv.conf) and [tunnel] host",
-            );
-            return None;
-        }
-        Err(_) => {
-            r.fail(
-                "resolve",
-                format!("{}: no answer within {DOCTOR_STEP_TIMEOUT:?}", t.host),
-                "check DNS on this host (/etc/resolv.conf)",
             );
             return None;
         }
@@ -63,39 +51,48 @@ pub(super) async fn network(r: &mut Report, cfg: &Config) -> Option<Route> {
         ),
     );
 
-    let mut connected = None;
-    let mut failures = Vec::new();
-    let mut timed_out = false;
-    for addr in &addrs {
-        let started = Instant::now();
-        match tokio::time::timeout(DOCTOR_STEP_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                r.ok(
-                    "connect",
-                    format!("{addr} accepted ({})", elapsed_ms(started)),
-                );
-                connected = Some((*addr, s));
-                break;
-            }
-            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-            Err(_) => {
-                timed_out = true;
-                failures.push(format!("{addr}: timed out after {DOCTOR_STEP_TIMEOUT:?}"));
-            }
+    // The addresses race as the tunnel's do (connect.rs).
+    let started = Instant::now();
+    let raced = tokio::time::timeout(
+        DOCTOR_STEP_TIMEOUT,
+        connect::first_of(&addrs, CONNECT_STAGGER),
+    )
+    .await;
+    let (failures, timed_out) = match raced {
+        Ok(Ok((tcp, addr))) => {
+            r.ok(
+                "connect",
+                format!("{addr} accepted ({})", elapsed_ms(started)),
+            );
+            return banner(r, tcp, &server).await.then_some(Route::Direct(addr));
         }
-    }
-    let Some((addr, tcp)) = connected else {
-        let remedy = if timed_out {
-            "outbound traffic to this port is probably blocked by a firewall: allow it, or ask Secoda for an allow-listed port"
-        } else {
-            "nothing accepts connections there: check [tunnel] host and port, and any outbound proxy or firewall"
-        };
-        r.fail("connect", failures.join("; "), remedy);
-        r.skip("ssh banner", "no TCP connection");
-        return None;
+        Ok(Err(errors)) => (
+            errors
+                .iter()
+                .map(|(addr, e)| format!("{addr}: {e}"))
+                .collect::<Vec<_>>(),
+            false,
+        ),
+        Err(_) => (
+            vec![format!(
+                "{}: timed out after {DOCTOR_STEP_TIMEOUT:?}",
+                addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )],
+            true,
+        ),
     };
-
-    banner(r, tcp, &server).await.then_some(Route::Direct(addr))
+    let remedy = if timed_out {
+        "outbound traffic to this port is probably blocked by a firewall: allow it, or ask Secoda for an allow-listed port"
+    } else {
+        "nothing accepts connections there: check [tunnel] host and port, and any outbound proxy or firewall"
+    };
+    r.fail("connect", failures.join("; "), remedy);
+    r.skip("ssh banner", "no TCP connection");
+    None
 }
 
 /// The proxy steps: reach the proxy, then have it connect us to the server.

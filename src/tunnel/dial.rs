@@ -34,32 +34,12 @@ pub async fn open_tcp(t: &TunnelConfig) -> Result<TcpStream, TunnelError> {
 
 async fn connect_direct(t: &TunnelConfig) -> Result<TcpStream, TunnelError> {
     let server = proxy::host_port(&t.host, t.port);
-    let addrs: Vec<_> = match tokio::time::timeout(
-        SSH_CONNECT_TIMEOUT,
-        tokio::net::lookup_host((t.host.as_str(), t.port)),
-    )
-    .await
-    {
-        Ok(Ok(a)) => a.collect(),
-        Ok(Err(e)) => {
-            return Err(TunnelError::Resolve {
-                host: t.host.clone(),
-                reason: e.to_string(),
-            })
-        }
-        Err(_) => {
-            return Err(TunnelError::Resolve {
-                host: t.host.clone(),
-                reason: "the resolver did not answer".into(),
-            })
-        }
-    };
-    if addrs.is_empty() {
-        return Err(TunnelError::Resolve {
+    let addrs = connect::resolve(&t.host, t.port, SSH_CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| TunnelError::Resolve {
             host: t.host.clone(),
-            reason: "no addresses".into(),
-        });
-    }
+            reason: e.to_string(),
+        })?;
     // The addresses race (see connect.rs), all within SSH_CONNECT_TIMEOUT.
     match tokio::time::timeout(
         SSH_CONNECT_TIMEOUT,

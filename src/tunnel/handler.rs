@@ -31,7 +31,7 @@ impl From<russh::Error> for HandlerError {
     }
 }
 
-pub(super) struct Client {
+pub(super) struct SessionHandler {
     pub(super) pins: Vec<PublicKey>,
     pub(super) fwd: Arc<Forwarder>,
     /// Channels of this session, so a retired session can drain on its own.
@@ -84,7 +84,7 @@ macro_rules! refuse_channel {
     )*};
 }
 
-impl Client {
+impl SessionHandler {
     /// Empty russh's queue for `channel` (see the module comment).
     fn drain(&mut self, channel: ChannelId) {
         if let Some(inbox) = self.inboxes.get_mut(&channel) {
@@ -93,7 +93,7 @@ impl Client {
     }
 }
 
-impl Drop for Client {
+impl Drop for SessionHandler {
     fn drop(&mut self) {
         if let Some(tx) = self.ended.take() {
             let _ = tx.send(TunnelError::Lost {
@@ -103,7 +103,7 @@ impl Drop for Client {
     }
 }
 
-impl client::Handler for Client {
+impl client::Handler for SessionHandler {
     type Error = HandlerError;
 
     async fn check_server_key(

@@ -31,11 +31,11 @@ use crate::constants::*;
 use crate::count::OpenCount;
 use crate::error::TunnelError;
 use crate::transport::{Backlog, Intake, Transport};
-use handler::{Client, HandlerError};
+use handler::{HandlerError, SessionHandler};
 
 /// An established session with the remote forward in place.
 pub struct Session {
-    handle: Handle<Client>,
+    handle: Handle<SessionHandler>,
     accepting: Arc<AtomicBool>,
     channels: Arc<OpenCount>,
     pub listen: (String, u16),
@@ -55,7 +55,10 @@ pub struct Session {
     socket: Option<OwnedFd>,
 }
 
-async fn probe(handle: &Handle<Client>, deadline: Option<tokio::time::Instant>) -> Result<(), ()> {
+async fn probe(
+    handle: &Handle<SessionHandler>,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(), ()> {
     let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
     match tokio::time::timeout_at(deadline, handle.send_ping()).await {
         Ok(Ok(())) => Ok(()),
@@ -81,7 +84,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     let intake = Arc::new(Intake::default());
     let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
     let (ended_tx, ended_rx) = oneshot::channel();
-    let handler = Client {
+    let handler = SessionHandler {
         pins: t.host_keys.clone(),
         fwd,
         channels: channels.clone(),
