@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod session;
 pub mod socks;
 pub mod spill;
 pub mod status;

@@ -7,7 +7,8 @@
 //!    `poll_flush` never wait: what the socket does not take goes to a buffer, which drains
 //!    whenever the session polls for reading (which it always does while idle), woken by
 //!    write readiness. The buffer is kept small at the source instead: channel tasks wait on
-//!    the [`Backlog`] before producing more (see `channel/splice.rs`), so memory stays bounded.
+//!    the session's [`Backlog`](crate::session::Backlog) before producing more (see
+//!    `channel/splice.rs`), so memory stays bounded.
 //! 2. **No delayed-ACK stalls.** sshd leaves Nagle on for forwarded channels, so a small
 //!    reply (a SOCKS answer, a query result) waits in sshd until our delayed ACK (~40 ms)
 //!    arrives. Re-arming `TCP_QUICKACK` after each small read makes us ACK at once; large
@@ -43,7 +44,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -51,117 +52,23 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use tokio::sync::{Notify, Semaphore, SemaphorePermit};
-
 use crate::constants::{
     COALESCE_AFTER_READ, COALESCE_BYTES, COALESCE_MIN_RCVBUF, COALESCE_RETRY_READS, COALESCE_WAIT,
-    INTAKE_HIGH, INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_BACKLOG_HIGH, SSH_NOTSENT_LOWAT,
-    SSH_OUTPUT_TURNS, SSH_READ_BUFFER, TRANSPORT_BUFFER_KEEP,
+    INTAKE_HIGH, INTAKE_PAUSE_MAX, QUICKACK_BELOW, SSH_NOTSENT_LOWAT, SSH_READ_BUFFER,
+    TRANSPORT_BUFFER_KEEP,
 };
+use crate::session::SessionShared;
 use crate::sys;
-
-/// How many bytes wait in the transport's buffer, for channel tasks to pace themselves on.
-pub struct Backlog {
-    bytes: AtomicUsize,
-    drained: Notify,
-    /// Turns to hand data to the session. russh's session loop takes every message its
-    /// channel writers have ready in one go (a writer waiting for queue space refills it at
-    /// once), so with a thousand busy channels one pass gathered 30+ MiB of output, all of it
-    /// past the `bytes` check. A channel whose SSH window is open takes a turn, then waits for
-    /// room, then reads and hands over one packet: one pass is bounded by the turns plus
-    /// russh's queue. A channel waiting for its window goes without a turn, so it never holds
-    /// up the others (its output is paced by the server instead).
-    turns: Semaphore,
-}
-
-impl Default for Backlog {
-    fn default() -> Self {
-        Backlog {
-            bytes: AtomicUsize::new(0),
-            drained: Notify::new(),
-            turns: Semaphore::new(SSH_OUTPUT_TURNS),
-        }
-    }
-}
-
-impl Backlog {
-    /// A turn to hand one packet to the session (see `turns`).
-    pub async fn turn(&self) -> Option<SemaphorePermit<'_>> {
-        self.turns.acquire().await.ok()
-    }
-
-    /// Wait until the transport has room for more output.
-    pub async fn wait_room(&self) {
-        loop {
-            let drained = self.drained.notified();
-            if self.bytes.load(Ordering::Acquire) < SSH_BACKLOG_HIGH {
-                return;
-            }
-            drained.await;
-        }
-    }
-
-    fn set(&self, n: usize) {
-        let old = self.bytes.swap(n, Ordering::AcqRel);
-        if old >= SSH_BACKLOG_HIGH && n < SSH_BACKLOG_HIGH {
-            self.drained.notify_waiters();
-        }
-    }
-}
-
-/// Bytes received for channels and not yet delivered to their targets, across a session.
-/// Signed: a channel closing while data arrives for it may take its bytes off a moment before
-/// they were put on.
-#[derive(Default)]
-pub struct Intake {
-    bytes: AtomicI64,
-    drained: Notify,
-}
-
-impl Intake {
-    pub fn add(&self, n: u64) {
-        self.bytes.fetch_add(n as i64, Ordering::AcqRel);
-    }
-
-    pub fn sub(&self, n: u64) {
-        let old = self.bytes.fetch_sub(n as i64, Ordering::AcqRel);
-        let high = INTAKE_HIGH as i64;
-        if old > high && old - (n as i64) <= high {
-            self.drained.notify_waiters();
-        }
-    }
-
-    pub fn get(&self) -> usize {
-        self.bytes.load(Ordering::Acquire).max(0) as usize
-    }
-
-    /// Wait until at most `INTAKE_HIGH` bytes are queued; `false` if that took longer than
-    /// `INTAKE_PAUSE_MAX`.
-    async fn below_high(self: Arc<Self>) -> bool {
-        let wait = async {
-            loop {
-                let drained = self.drained.notified();
-                if self.get() <= INTAKE_HIGH {
-                    return;
-                }
-                drained.await;
-            }
-        };
-        tokio::time::timeout(INTAKE_PAUSE_MAX, wait).await.is_ok()
-    }
-}
 
 type Pause = Pin<Box<dyn Future<Output = bool> + Send>>;
 
 pub struct Transport {
     tcp: TcpStream,
     pending: BytesMut,
-    backlog: Arc<Backlog>,
-    received: Arc<AtomicU64>,
+    session: Arc<SessionShared>,
     rbuf: Box<[u8]>,
     rpos: usize,
     rlen: usize,
-    intake: Arc<Intake>,
     /// A pause in progress, and the queue size when it began.
     pause: Option<(Pause, usize)>,
     /// A pause saw no progress: read freely until the queue is below half the mark.
@@ -237,23 +144,16 @@ impl Coalesce {
 }
 
 impl Transport {
-    pub fn new(
-        tcp: TcpStream,
-        backlog: Arc<Backlog>,
-        intake: Arc<Intake>,
-        received: Arc<AtomicU64>,
-    ) -> Self {
+    pub fn new(tcp: TcpStream, session: Arc<SessionShared>) -> Self {
         // Best effort: without it (a kernel before 3.12), small replies queue behind more
         // bulk data, nothing else changes.
         let _ = set_notsent_lowat(&tcp, SSH_NOTSENT_LOWAT);
         Transport {
             tcp,
             pending: BytesMut::new(),
-            backlog,
-            intake,
+            session,
             pause: None,
             stuck: false,
-            received,
             rbuf: vec![0u8; SSH_READ_BUFFER].into_boxed_slice(),
             rpos: 0,
             rlen: 0,
@@ -265,7 +165,7 @@ impl Transport {
     /// task registered for write readiness).
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = self.drain_inner(cx);
-        self.backlog.set(self.pending.len());
+        self.session.backlog.set(self.pending.len());
         if self.pending.is_empty() && self.pending.capacity() > TRANSPORT_BUFFER_KEEP {
             // A burst is over: give its memory back rather than keep the high-water mark.
             self.pending = BytesMut::new();
@@ -290,7 +190,7 @@ impl Transport {
     /// `Pending` while the channels have too much queued for their targets (see point 3).
     fn poll_intake(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let queued = self.intake.get();
+            let queued = self.session.intake.get();
             if let Some((pause, start)) = &mut self.pause {
                 let drained = match pause.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
@@ -313,7 +213,7 @@ impl Transport {
             if self.stuck || queued <= INTAKE_HIGH {
                 return Poll::Ready(());
             }
-            self.pause = Some((Box::pin(self.intake.clone().below_high()), queued));
+            self.pause = Some((Box::pin(self.session.intake.clone().below_high()), queued));
         }
     }
 }
@@ -359,7 +259,7 @@ impl AsyncRead for Transport {
             (this.rpos, this.rlen) = (0, n);
             this.coalesce.after_read(&this.tcp, n);
             if n > 0 {
-                this.received.fetch_add(n as u64, Ordering::Relaxed);
+                this.session.received.fetch_add(n as u64, Ordering::Relaxed);
                 if n < QUICKACK_BELOW && !this.coalesce.on {
                     // Best effort: a failure only costs latency.
                     let _ = socket2::SockRef::from(&this.tcp).set_tcp_quickack(true);
@@ -385,7 +285,7 @@ impl AsyncWrite for Transport {
                 Poll::Ready(Ok(n)) if n == data.len() => return Poll::Ready(Ok(n)),
                 Poll::Ready(Ok(n)) => {
                     self.pending.extend_from_slice(&data[n..]);
-                    self.backlog.set(self.pending.len());
+                    self.session.backlog.set(self.pending.len());
                     return Poll::Ready(Ok(data.len()));
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -396,7 +296,7 @@ impl AsyncWrite for Transport {
         }
         // The attempt above registered this task for write readiness.
         self.pending.extend_from_slice(data);
-        self.backlog.set(self.pending.len());
+        self.session.backlog.set(self.pending.len());
         Poll::Ready(Ok(data.len()))
     }
 
@@ -428,7 +328,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (tcp, _) = l.accept().await.unwrap();
-        let t = Transport::new(tcp, Arc::default(), Arc::default(), Arc::default());
+        let t = Transport::new(tcp, Arc::default());
         (t, peer)
     }
 

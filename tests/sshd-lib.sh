@@ -13,20 +13,9 @@ start_test_sshd() {
     [ -f "$dir/agent_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$dir/agent_key"
     cp "$dir/agent_key.pub" "$dir/authorized_keys"
     SSH_PORT=${SSH_PORT:-$(free_port)}
-    cat > "$dir/sshd_config" <<CFG
-Port $SSH_PORT
-ListenAddress 127.0.0.1
-HostKey $dir/host_key
-AuthorizedKeysFile $dir/authorized_keys
-PidFile none
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowTcpForwarding remote
-GatewayPorts clientspecified
-CFG
+    # The same sshd_config as the Rust tests' (tests/sshd_config.in).
+    sed -e "s|@PORT@|$SSH_PORT|" -e "s|@HOST_KEY@|$dir/host_key|" -e "s|@DIR@|$dir|" \
+        "$(dirname "${BASH_SOURCE[0]}")/sshd_config.in" > "$dir/sshd_config"
     /usr/sbin/sshd -D -e -f "$dir/sshd_config" 2>>"$dir/sshd.log" &
     SSHD_PID=$!
     HOST_KEY_LINE=$(cut -d' ' -f1,2 "$dir/host_key.pub")

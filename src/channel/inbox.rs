@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::config::ForwardConfig;
 use crate::constants::INTAKE_SHARE;
+use crate::session::Intake;
 use crate::spill::{Chunk, Spill};
-use crate::transport::Intake;
 
 /// What the session hands a channel task.
 pub enum Inbound {

@@ -21,9 +21,9 @@ use crate::config::ForwardConfig;
 use crate::connect;
 use crate::constants::{CHANNEL_CLOSE_WAIT, CONNECT_STAGGER, SOCKS_HANDSHAKE_TIMEOUT};
 use crate::count::OpenGuard;
+use crate::session::SessionShared;
 use crate::socks::{self, Host, Reply, Request};
 use crate::telemetry::Telemetry;
-use crate::transport::Backlog;
 use inbox::Duplex;
 use splice::{splice, End};
 
@@ -54,10 +54,11 @@ impl Forwarder {
     }
 }
 
-/// What a channel task gets from its session: where it came from (for logs) and the session's output backlog.
+/// What a channel task gets from its session: where it came from (for logs) and what the
+/// session shares (its output backlog).
 pub struct ChannelContext {
     pub originator: String,
-    pub backlog: Arc<Backlog>,
+    pub session: Arc<SessionShared>,
 }
 
 /// Run one channel to its end, with the settings its inbox was made with. `guard` is
@@ -150,7 +151,7 @@ pub async fn serve_channel(
         .open_channel(target.clone(), origin.originator.clone());
     let cut = input.cut.clone();
     let end = tokio::select! {
-        end = splice(&mut input, stream, &channel, &mut writer, &origin.backlog, &counts, settings.stall_timeout) => end,
+        end = splice(&mut input, stream, &channel, &mut writer, &origin.session.backlog, &counts, settings.stall_timeout) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
     };
     let spilled = input.spilled_total;

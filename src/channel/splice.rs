@@ -16,8 +16,8 @@ use tokio::net::TcpStream;
 
 use super::inbox::ChannelInput;
 use crate::constants::{SMALL_READ, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS};
+use crate::session::Backlog;
 use crate::telemetry::ChannelStat;
-use crate::transport::Backlog;
 
 pub(super) enum End {
     Normal,
@@ -225,8 +225,8 @@ mod tests {
     use super::*;
     use crate::channel::inbox;
     use crate::config::ForwardConfig;
+    use crate::session::Intake;
     use crate::telemetry::{Endpoints, Telemetry};
-    use crate::transport::Intake;
 
     /// Records what the channel sends to the server; its window is always open.
     #[derive(Default)]

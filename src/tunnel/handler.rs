@@ -3,7 +3,7 @@
 //! inbox without waiting (see the module comment of `tunnel`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 
 use crate::channel::{self, ChannelContext, Forwarder, Inbox};
 use crate::config::fingerprint;
-use crate::count::{OpenCount, OpenGuard};
+use crate::count::OpenGuard;
 use crate::error::TunnelError;
-use crate::transport::{Backlog, Intake};
+use crate::session::SessionShared;
 
 /// Handler errors: russh's own, or our verdict on the host key.
 #[derive(Debug)]
@@ -34,11 +34,8 @@ impl From<russh::Error> for HandlerError {
 pub(super) struct SessionHandler {
     pub(super) pins: Vec<PublicKey>,
     pub(super) fwd: Arc<Forwarder>,
-    /// Channels of this session, so a retired session can drain on its own.
-    pub(super) channels: Arc<OpenCount>,
-    pub(super) accepting: Arc<AtomicBool>,
-    pub(super) backlog: Arc<Backlog>,
-    pub(super) intake: Arc<Intake>,
+    /// What this session shares with its transport and channels.
+    pub(super) shared: Arc<SessionShared>,
     pub(super) inboxes: HashMap<ChannelId, Inbox>,
     /// `inboxes` is pruned when it grows to this size.
     pub(super) prune_at: usize,
@@ -160,7 +157,7 @@ impl client::Handler for SessionHandler {
         if !ours {
             log::warn!(error_class = "channel_refused"; "the server opened a forwarded-tcpip channel for {connected_address}:{connected_port}, which the agent never asked for (it listens on port {}); refused", self.listen_port);
         }
-        if !ours || !self.accepting.load(Ordering::Acquire) {
+        if !ours || !self.shared.accepting.load(Ordering::Acquire) {
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -170,7 +167,7 @@ impl client::Handler for SessionHandler {
         let id = channel.id();
         let (read_half, write_half) = channel.split();
         let settings = self.fwd.settings();
-        let (inbox, input) = channel::inbox(&settings, self.intake.clone());
+        let (inbox, input) = channel::inbox(&settings, self.shared.intake.clone());
         // russh's queue for the channel is emptied by the handler (see the module comment).
         let inbox = inbox.with_queue(read_half);
         // A channel we had to close first gets no `channel_close` callback from russh: drop
@@ -182,11 +179,11 @@ impl client::Handler for SessionHandler {
         self.inboxes.insert(id, inbox);
         let guard = OpenGuard::new(vec![
             self.fwd.telemetry.active.clone(),
-            self.channels.clone(),
+            self.shared.channels.clone(),
         ]);
         let origin = ChannelContext {
             originator: format!("{originator_address}:{originator_port}"),
-            backlog: self.backlog.clone(),
+            session: self.shared.clone(),
         };
         tokio::spawn(channel::serve_channel(
             input,

@@ -17,7 +17,7 @@ pub use ssh::{aes_in_hardware, cipher_preference, ssh_config};
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,16 +28,15 @@ use tokio::sync::oneshot;
 use crate::channel::Forwarder;
 use crate::config::{fingerprint, TunnelConfig};
 use crate::constants::*;
-use crate::count::OpenCount;
 use crate::error::TunnelError;
-use crate::transport::{Backlog, Intake, Transport};
+use crate::session::SessionShared;
+use crate::transport::Transport;
 use handler::{HandlerError, SessionHandler};
 
 /// An established session with the remote forward in place.
 pub struct Session {
     handle: Handle<SessionHandler>,
-    accepting: Arc<AtomicBool>,
-    channels: Arc<OpenCount>,
+    shared: Arc<SessionShared>,
     pub listen: (String, u16),
     pub server: String,
     pub since: Instant,
@@ -47,7 +46,6 @@ pub struct Session {
     next_probe: tokio::time::Instant,
     probe_deadline: Option<tokio::time::Instant>,
     /// Bytes read from the server so far, and at the start of the current probe.
-    received: Arc<AtomicU64>,
     received_at_probe: u64,
     /// A second descriptor of the session's TCP socket, to shut the connection down when the
     /// session is declared wedged: dropping russh's `Handle` does not end its session task
@@ -77,27 +75,20 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         reason: e.to_string(),
     })?;
 
-    let received = Arc::new(AtomicU64::new(0));
-    let accepting = Arc::new(AtomicBool::new(true));
-    let channels = Arc::new(OpenCount::default());
-    let backlog = Arc::new(Backlog::default());
-    let intake = Arc::new(Intake::default());
+    let shared = Arc::new(SessionShared::default());
     let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
     let (ended_tx, ended_rx) = oneshot::channel();
     let handler = SessionHandler {
         pins: t.host_keys.clone(),
         fwd,
-        channels: channels.clone(),
-        accepting: accepting.clone(),
-        backlog: backlog.clone(),
-        intake: intake.clone(),
+        shared: shared.clone(),
         inboxes: HashMap::new(),
         prune_at: 64,
         ended: Some(ended_tx),
         keepalive_window,
         listen_port: t.listen_port,
     };
-    let transport = Transport::new(tcp, backlog, intake, received.clone());
+    let transport = Transport::new(tcp, shared.clone());
     let handshake = async {
         let mut handle = client::connect_stream(Arc::new(ssh_config(t)), transport, handler)
             .await
@@ -129,7 +120,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     };
     let handle = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, handshake).await {
         Ok(r) => r?,
-        Err(_) if received.load(Ordering::Relaxed) == 0 => {
+        Err(_) if shared.received.load(Ordering::Relaxed) == 0 => {
             return Err(TunnelError::BannerTimeout { server })
         }
         Err(_) => {
@@ -141,8 +132,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
     };
     Ok(Session {
         handle,
-        accepting,
-        channels,
+        shared,
         listen: (t.listen_address.clone(), t.listen_port),
         server,
         since: Instant::now(),
@@ -151,7 +141,6 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         finished: false,
         next_probe: tokio::time::Instant::now() + LIVENESS_INTERVAL,
         probe_deadline: None,
-        received,
         received_at_probe: 0,
         socket,
     })
@@ -196,7 +185,7 @@ pub(crate) async fn authenticate<H: client::Handler>(
 
 impl Session {
     pub fn open_channels(&self) -> usize {
-        self.channels.get()
+        self.shared.channels.get()
     }
 
     /// Resolves when the session is over: closed by the server, dead keepalives, or wedged.
@@ -216,13 +205,13 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(self.next_probe), if self.probe_deadline.is_none() => {
                     self.probe_deadline = Some(tokio::time::Instant::now() + self.keepalive_window + LIVENESS_INTERVAL);
-                    self.received_at_probe = self.received.load(Ordering::Relaxed);
+                    self.received_at_probe = self.shared.received.load(Ordering::Relaxed);
                 }
                 r = probe(&self.handle, self.probe_deadline), if self.probe_deadline.is_some() => {
                     // A ping that must come back: if the session loop itself is stuck, the
                     // keepalives cannot catch it, this does. Under heavy load the answer can
                     // queue behind a lot of data: a session that kept reading is not stuck.
-                    let progressed = self.received.load(Ordering::Relaxed) != self.received_at_probe;
+                    let progressed = self.shared.received.load(Ordering::Relaxed) != self.received_at_probe;
                     if r.is_err() && !progressed {
                         self.finished = true;
                         self.shut_down_socket();
@@ -246,7 +235,7 @@ impl Session {
 
     /// Stop taking new channels and give the listen port back to the server.
     pub async fn stop_accepting(&self) {
-        self.accepting.store(false, Ordering::Release);
+        self.shared.accepting.store(false, Ordering::Release);
         let (addr, port) = &self.listen;
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -259,8 +248,8 @@ impl Session {
     /// Let open channels finish (up to `timeout`), then disconnect. Returns the channels cut.
     pub async fn retire(self, timeout: Duration) -> usize {
         self.stop_accepting().await;
-        let _ = tokio::time::timeout(timeout, self.channels.wait_zero()).await;
-        let left = self.channels.get();
+        let _ = tokio::time::timeout(timeout, self.shared.channels.wait_zero()).await;
+        let left = self.shared.channels.get();
         let _ = self
             .handle
             .disconnect(russh::Disconnect::ByApplication, "agent stopping", "")

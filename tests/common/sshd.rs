@@ -104,17 +104,14 @@ impl Sshd {
     }
 
     fn write_config(&self) {
-        let d = self.dir.path().display();
-        // The test's own lines first: for sshd the first value of an option wins.
-        let cfg = format!(
-            "{extra}\nPort {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\n\
-             AuthorizedKeysFile {d}/authorized_keys\nPidFile none\nStrictModes no\nUsePAM no\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-             PermitRootLogin prohibit-password\nGatewayPorts clientspecified\nAllowTcpForwarding remote\n\
-             LogLevel VERBOSE\n",
-            port = self.port,
-            extra = self.extra_config
-        );
+        // The one sshd_config of the tests (tests/sshd-lib.sh fills in the same file). The
+        // test's own lines go first: for sshd the first value of an option wins.
+        let d = self.dir.path().display().to_string();
+        let template = include_str!("../sshd_config.in")
+            .replace("@PORT@", &self.port.to_string())
+            .replace("@HOST_KEY@", &format!("{d}/host_ed25519"))
+            .replace("@DIR@", &d);
+        let cfg = format!("{}\n{template}", self.extra_config);
         std::fs::write(self.dir.path().join("sshd_config"), cfg).unwrap();
     }
 
