@@ -39,7 +39,12 @@ pub fn checksum(data: &[u8]) -> u64 {
 }
 
 /// Send `data` through an open stream to an echo service and check it all comes back.
-pub async fn echo_roundtrip(mut s: TcpStream, data: &[u8]) -> bool {
+pub async fn echo_roundtrip(s: TcpStream, data: &[u8]) -> bool {
+    echo_roundtrip_detail(s, data).await.is_ok()
+}
+
+/// As [`echo_roundtrip`], saying what went wrong.
+pub async fn echo_roundtrip_detail(mut s: TcpStream, data: &[u8]) -> Result<(), String> {
     let (mut r, mut w) = s.split();
     let send = async {
         w.write_all(data).await?;
@@ -48,7 +53,33 @@ pub async fn echo_roundtrip(mut s: TcpStream, data: &[u8]) -> bool {
     let mut back = Vec::with_capacity(data.len());
     let recv = r.read_to_end(&mut back);
     let (sent, got) = tokio::join!(send, recv);
-    sent.is_ok() && got.is_ok() && checksum(&back) == checksum(data) && back.len() == data.len()
+    if let Err(e) = sent {
+        return Err(format!(
+            "send failed ({:?}) after {} bytes back",
+            e.kind(),
+            back.len()
+        ));
+    }
+    if let Err(e) = got {
+        return Err(format!(
+            "receive failed ({:?}) after {} bytes",
+            e.kind(),
+            back.len()
+        ));
+    }
+    if back.len() != data.len() {
+        return Err(format!("{} of {} bytes came back", back.len(), data.len()));
+    }
+    if checksum(&back) != checksum(data) {
+        return Err("bytes came back changed".into());
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a log.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Poll (every 20 ms) until `f` gives a value or the timeout passes.

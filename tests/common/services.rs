@@ -20,9 +20,20 @@ pub fn raise_nofile() {
     }
 }
 
+/// A loopback listener with room for a thousand connections not yet accepted.
+/// `TcpListener::bind` listens with a backlog of 128 (as std does): when a thousand channels
+/// connect at once, the rest of the SYNs are dropped and retried one and three seconds later,
+/// which a short `connect_timeout` reports as a timeout. Database servers listen with a deep
+/// backlog (PostgreSQL: twice max_connections), so the test services do too.
+pub fn deep_listener() -> TcpListener {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    sock.listen(1024).unwrap()
+}
+
 /// An echo service on loopback: every byte comes back.
 pub async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = deep_listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -37,7 +48,7 @@ pub async fn echo_server() -> SocketAddr {
 
 /// A minimal HTTP server answering every request with `body`.
 pub async fn http_server(body: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = deep_listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {

@@ -4,12 +4,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// SOCKS5 CONNECT (no auth) to `host:port` through `proxy`; returns the reply code and, on
-/// success, the stream.
+/// success, the stream. 0xff stands for "no reply at all".
 pub async fn socks5(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>) {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", proxy)).await else {
-        // Nothing listens on the proxy port (the tunnel is down): no SOCKS reply at all.
-        return (0xff, None);
+    match socks5_detail(proxy, host, port).await {
+        Ok(s) => (0, Some(s)),
+        Err(Socks5Error::Reply(code)) => (code, None),
+        Err(Socks5Error::NoReply(_)) => (0xff, None),
+    }
+}
+
+/// How a SOCKS5 request failed.
+#[derive(Debug)]
+pub enum Socks5Error {
+    /// The proxy answered with this reply code.
+    Reply(u8),
+    /// No answer: which step failed and how (nothing listening, reset, closed).
+    NoReply(String),
+}
+
+/// As [`socks5`], saying at which step a request that got no reply failed.
+pub async fn socks5_detail(proxy: u16, host: &str, port: u16) -> Result<TcpStream, Socks5Error> {
+    let step = |what: &'static str| {
+        move |e: std::io::Error| Socks5Error::NoReply(format!("{what}: {:?}", e.kind()))
     };
+    // Nothing listens on the proxy port when the tunnel is down.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy))
+        .await
+        .map_err(step("connect"))?;
     s.set_nodelay(true).unwrap();
     let mut req = vec![5, 1, 0, 5, 1, 0];
     match host.parse::<std::net::IpAddr>() {
@@ -28,18 +49,14 @@ pub async fn socks5(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>
         }
     }
     req.extend_from_slice(&port.to_be_bytes());
-    if s.write_all(&req).await.is_err() {
-        return (0xff, None);
-    }
+    s.write_all(&req).await.map_err(step("request"))?;
     let mut method = [0u8; 2];
-    if s.read_exact(&mut method).await.is_err() {
-        return (0xff, None);
-    }
+    s.read_exact(&mut method)
+        .await
+        .map_err(step("method selection"))?;
     assert_eq!(method, [5, 0], "method selection");
     let mut head = [0u8; 4];
-    if s.read_exact(&mut head).await.is_err() {
-        return (0xff, None);
-    }
+    s.read_exact(&mut head).await.map_err(step("reply"))?;
     assert_eq!(head[0], 5);
     let rest = match head[3] {
         1 => 6,
@@ -49,9 +66,9 @@ pub async fn socks5(proxy: u16, host: &str, port: u16) -> (u8, Option<TcpStream>
     let mut tail = vec![0u8; rest];
     s.read_exact(&mut tail).await.unwrap();
     if head[1] == 0 {
-        (0, Some(s))
+        Ok(s)
     } else {
-        (head[1], None)
+        Err(Socks5Error::Reply(head[1]))
     }
 }
 
