@@ -11,13 +11,10 @@
 //! production; the cipher each side negotiated is read from sshd's log and printed.
 //! Prints a table (agent, OpenSSH, ratio) and writes target/bench.json.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -698,7 +695,7 @@ async fn main() {
     };
     let (agent_cipher, ssh_cipher) = negotiated_ciphers(&sshd_config, forced.as_deref()).await;
     let sshd = Sshd::start_with(&sshd_config);
-    let squid = proxied().then(|| common::proxies::Squid::start(sshd.port, None));
+    let squid = proxied().then(|| secoda_agent_harness::proxies::Squid::start(sshd.port, None));
     let proxy = squid.as_ref().map(|s| s.port);
     let svc = services().await;
     let mut agent_rounds = Vec::new();

@@ -4,13 +4,11 @@
 //! channel for a port the agent does not listen on, must be refused; the agent's own forward
 //! keeps working.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use russh::server::{self, Auth, Session, VerifiedPublicKey};
+use secoda_agent_harness::*;
 use tokio::sync::mpsc;
 
 /// Accepts the agent's key and its remote forward, and reports the forwarded port.

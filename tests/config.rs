@@ -1,14 +1,12 @@
 //! `check-config` and startup against good and bad configurations: exit codes, messages that
 //! name the file and key, and no secret in any output.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use base64::Engine;
-use common::*;
+use secoda_agent_harness::*;
 
 const HOST_KEY: &str = secoda_agent::constants::SECODA_HOST_KEY;
 

@@ -1,11 +1,9 @@
 //! Faults: a black-holed server, targets that misbehave, reload storms. Every surviving
 //! transfer is checked byte for byte.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The server stays up but its packets vanish (nft drop inside a private network namespace):
@@ -47,7 +45,19 @@ async fn a_black_holed_server_is_declared_dead_and_the_tunnel_returns() {
         "declared dead only after {dead_after:?}"
     );
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A new attempt hangs in the black hole (its SYN unanswered) when the packets flow again:
+    // the tunnel must not wait for that attempt's own timeout to come back.
+    let port_filter = format!("dport = :{}", sshd.port);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !ns.run(&["ss", "-Htn", "state", "syn-sent", &port_filter])
+                .trim()
+                .is_empty()
+        })
+        .await,
+        "no reconnect attempt into the black hole; {}",
+        agent.output()
+    );
     ns.run(&["nft", "delete", "table", "inet", "blackhole"]);
     agent.wait_ready_from(seen).await;
     // Served again: curl from inside the namespace to a web server inside it.

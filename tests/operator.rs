@@ -1,15 +1,12 @@
 //! Operator tools against a real sshd: `status` (up, reconnecting, stopped), the metrics
 //! endpoint (scraped and parsed), and `doctor` against each failure it claims to diagnose.
 
-mod common;
-
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn json(text: &str) -> serde_json::Value {
@@ -257,27 +254,6 @@ async fn out_of_descriptors_the_metrics_listener_does_not_spin() {
         "{}",
         agent.output()
     );
-}
-
-/// `secoda-agent doctor --config TOML --socket SOCKET` (inside `netns` if given).
-fn doctor(netns: Option<&str>, toml: &str, socket: Option<&Path>) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(&config, toml).unwrap();
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let none = dir.path().join("none.sock");
-    let out = command_in(netns, &agent_bin())
-        .arg("doctor")
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(socket.unwrap_or(&none))
-        .env_remove("RUNTIME_DIRECTORY")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
 }
 
 fn line_with<'a>(text: &'a str, start: &str) -> &'a str {

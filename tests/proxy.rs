@@ -3,14 +3,12 @@
 //! to the proxy, everything that works direct works through it, and each way the proxy can
 //! fail is named with its remedy, without the password.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::proxies::{peer_ports, Dante, Squid};
-use common::*;
+use secoda_agent_harness::proxies::{peer_ports, Dante, Squid};
+use secoda_agent_harness::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -20,13 +18,6 @@ async fn assert_bulk(listen: u16) {
     let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
     assert_eq!(code, 0, "the tunnel does not serve");
     assert!(echo_roundtrip(s.unwrap(), &payload(4 << 20, 7)).await);
-}
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(agent_bin()).args(args).output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
 }
 
 #[tokio::test]
@@ -95,11 +86,14 @@ async fn squid_with_basic_auth_a_percent_encoded_password_never_shown() {
         "{metrics}"
     );
 
-    let (code, text) = run(&[
-        "check-config",
-        "--config",
-        agent.config_path().to_str().unwrap(),
-    ]);
+    let (code, text) = run_agent(
+        None,
+        &[
+            "check-config",
+            "--config",
+            agent.config_path().to_str().unwrap(),
+        ],
+    );
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains(&format!(
@@ -325,21 +319,6 @@ async fn keepalive_through_the_proxy_notices_a_frozen_path_and_reconnects() {
 }
 
 /// `doctor --config TOML` with no running agent.
-fn doctor(toml: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(&config, toml).unwrap();
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let socket = dir.path().join("none.sock");
-    run(&[
-        "doctor",
-        "--config",
-        config.to_str().unwrap(),
-        "--socket",
-        socket.to_str().unwrap(),
-    ])
-}
-
 #[tokio::test]
 async fn doctor_walks_the_proxy_steps() {
     let sshd = Sshd::start();
@@ -352,7 +331,7 @@ async fn doctor_walks_the_proxy_steps() {
             squid.port
         ),
     );
-    let (code, text) = doctor(&toml);
+    let (code, text) = doctor(None, &toml, None);
     assert_eq!(code, 0, "{text}");
     for step in [
         "proxy",
@@ -366,7 +345,11 @@ async fn doctor_walks_the_proxy_steps() {
     }
     assert!(!text.contains("right-password"), "{text}");
 
-    let (code, text) = doctor(&toml.replace("right-password", "wrong-password"));
+    let (code, text) = doctor(
+        None,
+        &toml.replace("right-password", "wrong-password"),
+        None,
+    );
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("[ ok ] proxy:"), "{text}");
     assert!(text.contains("[FAIL] proxy handshake:"), "{text}");
@@ -394,7 +377,7 @@ fn check_config_refuses_bad_proxies_and_a_readable_password() {
         &format!("{base}proxy = \"https://u:s3cret-pw@proxy:443\"\n"),
         0o600,
     );
-    let (code, text) = run(&["check-config", "--config", &p]);
+    let (code, text) = run_agent(None, &["check-config", "--config", &p]);
     assert_eq!(code, 78, "{text}");
     assert!(text.contains("[tunnel] proxy"), "{text}");
     assert!(text.contains("(https://) is not supported"), "{text}");
@@ -404,7 +387,7 @@ fn check_config_refuses_bad_proxies_and_a_readable_password() {
         &format!("{base}proxy = \"http://u:s3cret-pw@proxy:3128\"\n"),
         0o644,
     );
-    let (code, text) = run(&["check-config", "--config", &p]);
+    let (code, text) = run_agent(None, &["check-config", "--config", &p]);
     assert_eq!(code, 78, "{text}");
     assert!(
         text.contains("[tunnel] proxy with a password and is readable by every user"),

@@ -1,15 +1,13 @@
 //! Session setup and recovery against a real sshd: pins, keys, env-file configs, restarts,
 //! refused forwards, and no head-of-line blocking.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine;
-use common::*;
+use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -295,8 +293,14 @@ async fn the_tunnel_comes_back_after_sshd_is_killed_and_restarted() {
         "{}",
         agent.output()
     );
-    // Down long enough for several failed attempts.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Down long enough for several failed attempts (the backoff has grown).
+    assert!(
+        agent
+            .wait_output_count("retrying in", 3, Duration::from_secs(15))
+            .await,
+        "{}",
+        agent.output()
+    );
     sshd.restart();
     let accepting = std::time::Instant::now();
     agent.wait_ready_from(seen).await;
@@ -370,7 +374,7 @@ async fn a_stalled_target_blocks_no_other_channel() {
         stalled
     });
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.wait_transfer().await;
     let started = std::time::Instant::now();
     move_100_mib(listen, 6).await;
     eprintln!(

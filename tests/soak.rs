@@ -9,13 +9,11 @@
 //! the server was up. (Requests that find the tunnel down while it reconnects are counted as
 //! "unavailable", not as errors.)
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use secoda_agent_harness::*;
 
 fn env_secs(name: &str, default: u64) -> Duration {
     Duration::from_secs(

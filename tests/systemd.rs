@@ -1,12 +1,10 @@
 //! The service-manager side, through a NOTIFY_SOCKET of our own: readiness, STATUS, watchdog,
 //! reload (valid, broken, new tunnel settings), graceful stop, and journald fields.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::*;
+use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
@@ -164,7 +162,7 @@ async fn reload_applies_forward_settings_without_touching_open_channels() {
     let (sshd, agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
     let transfer = slow_transfer(listen, echo.port(), 20, Duration::from_millis(50));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.wait_transfer().await;
 
     // Deny the echo service's port from now on.
     let toml = sshd.agent_toml(
@@ -198,7 +196,7 @@ async fn a_broken_reload_keeps_the_old_config_serving() {
     let (_sshd, agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
     let transfer = slow_transfer(listen, echo.port(), 20, Duration::from_millis(50));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.wait_transfer().await;
 
     std::fs::write(agent.config_path(), "[tunnel]\nhost = \n").unwrap();
     let seen = agent.notifications().len();
@@ -227,7 +225,7 @@ async fn new_tunnel_settings_bring_up_a_new_session_and_drain_the_old() {
     agent.wait_ready().await;
     let echo = echo_server().await;
     let transfer = slow_transfer(old_port, echo.port(), 20, Duration::from_millis(50));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.wait_transfer().await;
 
     std::fs::write(agent.config_path(), sshd.agent_toml(new_port, "")).unwrap();
     let seen = agent.notifications().len();
@@ -264,7 +262,7 @@ async fn sigterm_lets_a_transfer_finish_then_exits_0() {
     let (_sshd, mut agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
     let transfer = slow_transfer(listen, echo.port(), 20, Duration::from_millis(50));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.wait_transfer().await;
 
     agent.signal(libc::SIGTERM);
     assert!(agent

@@ -1,11 +1,9 @@
 //! The core job against a real OpenSSH sshd: the forward, every SOCKS flavour, reply codes.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn up() -> (Sshd, Agent, u16) {
@@ -108,6 +106,7 @@ async fn half_close_keeps_the_other_direction_open() {
         let (mut s, _) = l.accept().await.unwrap();
         let mut all = Vec::new();
         s.read_to_end(&mut all).await.unwrap();
+        // Answer a while after the client's EOF: the channel must stay open for the answer.
         tokio::time::sleep(Duration::from_millis(300)).await;
         s.write_all(format!("got {}", all.len()).as_bytes())
             .await
@@ -282,10 +281,10 @@ async fn many_short_channels_leave_no_memory_behind() {
     let echo = echo_server().await;
     let pid = agent.child.id();
     short_channels(listen, echo.port(), 1000).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.wait_no_channels().await;
     let before = rss_kib(pid);
     short_channels(listen, echo.port(), 6000).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.wait_no_channels().await;
     let after = rss_kib(pid);
     assert!(
         after < before + 8 * 1024,
@@ -347,10 +346,10 @@ async fn channels_the_agent_refuses_leave_no_memory_behind() {
         Refused::Garbage,
     ] {
         refused_channels(listen, kind, 1000).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        agent.wait_no_channels().await;
         let before = rss_kib(pid);
         refused_channels(listen, kind, 20_000).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        agent.wait_no_channels().await;
         let after = rss_kib(pid);
         assert!(
             after < before + 2 * 1024,

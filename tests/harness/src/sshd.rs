@@ -107,7 +107,7 @@ impl Sshd {
         // The one sshd_config of the tests (tests/sshd-lib.sh fills in the same file). The
         // test's own lines go first: for sshd the first value of an option wins.
         let d = self.dir.path().display().to_string();
-        let template = include_str!("../sshd_config.in")
+        let template = include_str!("../../sshd_config.in")
             .replace("@PORT@", &self.port.to_string())
             .replace("@HOST_KEY@", &format!("{d}/host_ed25519"))
             .replace("@DIR@", &d);

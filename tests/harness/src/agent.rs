@@ -71,10 +71,63 @@ fn url_password(value: &str) -> Option<String> {
     (password.len() >= 6).then(|| password.to_string())
 }
 
-/// The agent binary under test; `SECODA_AGENT_BIN` points the benchmark at another build
-/// (for A/B comparisons in one run).
+/// The agent binary under test: `SECODA_AGENT_BIN` if set (CI's pass against the shipped
+/// binary; the benchmark's A/B runs), else the one cargo built beside this test binary.
+/// Cargo builds a package's binaries before its integration tests and benchmarks, into the
+/// parent of the `deps/` folder the test binary runs from (how assert_cmd finds them too).
 pub fn agent_bin() -> String {
-    std::env::var("SECODA_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_secoda-agent").into())
+    if let Ok(bin) = std::env::var("SECODA_AGENT_BIN") {
+        return bin;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().expect("the test binary's folder");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    let bin = dir.join("secoda-agent");
+    assert!(
+        bin.exists(),
+        "no agent binary at {}: run the tests through cargo, or set SECODA_AGENT_BIN",
+        bin.display()
+    );
+    bin.to_string_lossy().into_owned()
+}
+
+/// Run the agent binary once (`check-config`, `doctor`, `status`, ...), inside `netns` if
+/// given: its exit code, and stdout followed by stderr.
+pub fn run_agent(netns: Option<&str>, args: &[&str]) -> (i32, String) {
+    let out = command_in(netns, &agent_bin())
+        .args(args)
+        // The runtime directory would point `doctor` and `status` at a real agent's socket.
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `secoda-agent doctor` with `toml` as its config (a 0600 file) and `socket` as the status
+/// socket of a running agent (a path where none listens, if not given).
+pub fn doctor(netns: Option<&str>, toml: &str, socket: Option<&std::path::Path>) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, toml).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let none = dir.path().join("none.sock");
+    let socket = socket.unwrap_or(&none);
+    run_agent(
+        netns,
+        &[
+            "doctor",
+            "--config",
+            config.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+    )
 }
 
 impl Agent {
@@ -182,6 +235,47 @@ impl Agent {
         (out.status.code().unwrap_or(-1), text)
     }
 
+    /// The open channels as `status --json` lists them (none when the agent does not answer).
+    pub fn channels(&self) -> Vec<serde_json::Value> {
+        let (_, text) = self.status(&["--json"]);
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["channels"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Wait until the open channels satisfy `pred`.
+    pub async fn wait_channels(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> bool {
+        eventually(timeout, || async { pred(&self.channels()) }).await
+    }
+
+    /// Wait until a channel carries bytes to its target (a transfer is under way), or panic.
+    pub async fn wait_transfer(&self) {
+        let moving = |c: &[serde_json::Value]| {
+            c.iter()
+                .any(|c| c["bytes_to_target"].as_u64().unwrap_or(0) > 0)
+        };
+        assert!(
+            self.wait_channels(Duration::from_secs(10), moving).await,
+            "no channel carried data; output:\n{}",
+            self.output()
+        );
+    }
+
+    /// Wait until no channel is open (the agent has finished with every one), or panic.
+    pub async fn wait_no_channels(&self) {
+        assert!(
+            self.wait_channels(Duration::from_secs(30), |c| c.is_empty())
+                .await,
+            "channels still open: {:?}",
+            self.channels()
+        );
+    }
+
     pub fn notifications(&self) -> Vec<String> {
         self.notify.lock().unwrap().clone()
     }
@@ -229,6 +323,14 @@ impl Agent {
 
     pub async fn wait_output(&self, needle: &str, timeout: Duration) -> bool {
         eventually(timeout, || async { self.output().contains(needle) }).await
+    }
+
+    /// Wait until `needle` has appeared `count` times in the output.
+    pub async fn wait_output_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        eventually(timeout, || async {
+            self.output().matches(needle).count() >= count
+        })
+        .await
     }
 
     pub fn signal(&self, sig: i32) {

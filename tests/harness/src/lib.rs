@@ -1,6 +1,5 @@
 //! Test harness: a real OpenSSH `sshd` on a free loopback port, the real agent binary, a
 //! systemd-style notify socket, local target services and a small SOCKS client.
-#![allow(dead_code)]
 
 mod agent;
 mod netns;
@@ -9,8 +8,6 @@ mod services;
 mod socks;
 mod sshd;
 
-// Each test binary uses a part of the harness: the rest would warn there.
-#[allow(unused_imports)]
 pub use {agent::*, netns::*, services::*, socks::*, sshd::*};
 
 use std::time::{Duration, Instant};
