@@ -37,17 +37,21 @@ pub async fn resolve(
     port: u16,
     within: Duration,
 ) -> Result<Vec<SocketAddr>, ResolveError> {
-    match tokio::time::timeout(within, tokio::net::lookup_host((host, port))).await {
-        Ok(Ok(addrs)) => {
-            let addrs: Vec<SocketAddr> = addrs.collect();
-            if addrs.is_empty() {
-                Err(ResolveError::NoAddresses)
-            } else {
-                Ok(addrs)
-            }
-        }
-        Ok(Err(e)) => Err(ResolveError::Failed(e)),
-        Err(_) => Err(ResolveError::TimedOut(within)),
+    tokio::time::timeout(within, resolve_unbounded(host, port))
+        .await
+        .unwrap_or(Err(ResolveError::TimedOut(within)))
+}
+
+/// As [`resolve`], for a caller that bounds the whole step (resolve and connect) itself.
+pub async fn resolve_unbounded(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(ResolveError::Failed)?
+        .collect();
+    if addrs.is_empty() {
+        Err(ResolveError::NoAddresses)
+    } else {
+        Ok(addrs)
     }
 }
 

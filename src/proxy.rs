@@ -10,7 +10,6 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -203,7 +202,7 @@ pub async fn reach(proxy: &Proxy) -> Result<(TcpStream, SocketAddr), TunnelError
         reason,
     };
     // The caller's timeout bounds the lookup too.
-    let addrs = connect::resolve(&proxy.host, proxy.port, Duration::MAX)
+    let addrs = connect::resolve_unbounded(&proxy.host, proxy.port)
         .await
         .map_err(|e| unreachable(format!("cannot resolve {}: {e}", proxy.host)))?;
     match connect::first_of(&addrs, CONNECT_STAGGER).await {

@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use russh::client::Msg;
 use russh::ChannelWriteHalf;
@@ -234,14 +234,12 @@ async fn connect_target(
             Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, req.port)]),
             Host::Name(n) => {
                 // The caller's connect_timeout bounds the lookup too.
-                let addrs = connect::resolve(n, req.port, Duration::MAX)
-                    .await
-                    .map_err(|e| {
-                        (
-                            Reply::HostUnreachable,
-                            format!("name {n} not resolved: {e}"),
-                        )
-                    })?;
+                let addrs = connect::resolve_unbounded(n, req.port).await.map_err(|e| {
+                    (
+                        Reply::HostUnreachable,
+                        format!("name {n} not resolved: {e}"),
+                    )
+                })?;
                 (Some(n.as_str()), addrs)
             }
         };
