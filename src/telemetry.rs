@@ -115,6 +115,8 @@ pub struct Metrics {
     reconnects: Counter,
     session_age: Gauge<f64, AtomicU64>,
     channels_active: Gauge,
+    /// Bytes of slow targets' backlogs in spill files now (channel/inbox.rs keeps it).
+    pub spill_bytes: Gauge,
     opened: Family<OutcomeLabels, Counter>,
     pub bytes_to_target: Counter,
     pub bytes_from_target: Counter,
@@ -130,6 +132,7 @@ impl Metrics {
         let reconnects = Counter::default();
         let session_age = Gauge::<f64, AtomicU64>::default();
         let channels_active = Gauge::default();
+        let spill_bytes = Gauge::default();
         let opened = Family::<OutcomeLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
         // 100 us .. ~6.5 s: a SOCKS request arrives in well under a millisecond on a healthy
@@ -160,6 +163,11 @@ impl Metrics {
             "channels_active",
             "Forwarded channels open now, including those still in their SOCKS handshake",
             channels_active.clone(),
+        );
+        registry.register(
+            "spill_bytes",
+            "Bytes waiting for slow targets in spill files (on disk) now",
+            spill_bytes.clone(),
         );
         registry.register(
             "channels_opened",
@@ -198,6 +206,7 @@ impl Metrics {
             reconnects,
             session_age,
             channels_active,
+            spill_bytes,
             opened,
             bytes_to_target,
             bytes_from_target,

@@ -120,19 +120,6 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
     out
 }
 
-async fn scrape(port: u16, path: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.to_string(), body.to_string())
-}
-
 #[tokio::test]
 async fn metrics_count_channels_by_outcome_and_bytes() {
     let mport = free_port();

@@ -480,12 +480,18 @@ async fn held_target() -> (
 async fn a_slow_targets_backlog_waits_on_disk_and_arrives_byte_exact() {
     let sshd = Sshd::start();
     let listen = free_port();
+    let mport = free_port();
     let agent = Agent::start(&sshd.agent_toml(
         listen,
-        "[forward]\nmax_pending = \"1MiB\"\nstall_timeout = \"5m\"\n",
+        &format!(
+            "[forward]\nmax_pending = \"1MiB\"\nstall_timeout = \"5m\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{mport}\"\n"
+        ),
     ));
     agent.wait_ready().await;
     assert_eq!(spill_files(&agent), 0);
+    let spill_metric = "secoda_agent_spill_bytes";
+    assert_eq!(metric(mport, spill_metric).await, Some(0.0));
 
     let (held_port, release, got) = held_target().await;
     let (code, s) = socks5(listen, "127.0.0.1", held_port).await;
@@ -506,6 +512,14 @@ async fn a_slow_targets_backlog_waits_on_disk_and_arrives_byte_exact() {
         .await,
         "no spill file while 48 MiB wait for a target that reads nothing; {}",
         agent.output()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(mport, spill_metric).await >= Some(8.0 * 1024.0 * 1024.0)
+        })
+        .await,
+        "the metric does not show the spilled backlog: {:?}",
+        metric(mport, spill_metric).await
     );
 
     // Meanwhile another channel moves 100 MiB through the same session.
@@ -536,6 +550,7 @@ async fn a_slow_targets_backlog_waits_on_disk_and_arrives_byte_exact() {
         .await,
         "the spill file outlived its channel"
     );
+    assert_eq!(metric(mport, spill_metric).await, Some(0.0));
     assert!(
         agent
             .wait_output(

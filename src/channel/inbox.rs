@@ -21,6 +21,7 @@ use crate::config::ForwardConfig;
 use crate::constants::INTAKE_SHARE;
 use crate::session::Intake;
 use crate::spill::{Chunk, Spill};
+use prometheus_client::metrics::gauge::Gauge;
 
 /// What the session hands a channel task.
 pub enum Inbound {
@@ -61,6 +62,8 @@ pub struct Inbox {
     /// Shared with the channel task, which closes the file when it ends (the session may keep
     /// an ended channel's inbox a while).
     spill: Arc<Mutex<SpillState>>,
+    /// Bytes in all spill files, agent-wide (the `spill_bytes` metric).
+    spill_gauge: Gauge,
     cut: Arc<Notify>,
     intake: Arc<Intake>,
     /// russh's own bounded queue for this channel, when kept (see [`Inbox::with_queue`]).
@@ -77,6 +80,7 @@ pub struct ChannelInput {
     max_pending: u64,
     spilled: Arc<AtomicU64>,
     spill: Arc<Mutex<SpillState>>,
+    spill_gauge: Gauge,
     /// Bytes that went through the spill file, for the channel's log line.
     pub(super) spilled_total: u64,
     /// Reading the spill file back failed: the channel ends with this error.
@@ -92,7 +96,12 @@ pub struct ChannelInput {
 
 /// A channel's `pending` bytes are counted in the session's [`Intake`] as [`counted`] says,
 /// until they are delivered or the channel's task ends.
-pub fn inbox(settings: &ForwardConfig, intake: Arc<Intake>) -> (Inbox, ChannelInput) {
+/// `spill_gauge` counts the bytes in this channel's spill file with every other channel's.
+pub fn inbox(
+    settings: &ForwardConfig,
+    intake: Arc<Intake>,
+    spill_gauge: Gauge,
+) -> (Inbox, ChannelInput) {
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicU64::new(0));
     let spilled = Arc::new(AtomicU64::new(0));
@@ -106,6 +115,7 @@ pub fn inbox(settings: &ForwardConfig, intake: Arc<Intake>) -> (Inbox, ChannelIn
             spilled: spilled.clone(),
             max_spill: settings.max_spill,
             spill: spill.clone(),
+            spill_gauge: spill_gauge.clone(),
             cut: cut.clone(),
             intake: intake.clone(),
             queued: None,
@@ -116,6 +126,7 @@ pub fn inbox(settings: &ForwardConfig, intake: Arc<Intake>) -> (Inbox, ChannelIn
             max_pending: settings.max_pending,
             spilled,
             spill,
+            spill_gauge,
             spilled_total: 0,
             failed: None,
             leftover: Bytes::new(),
@@ -220,7 +231,9 @@ impl Inbox {
         };
         match spill.write(data, spilled == 0) {
             Ok(chunk) => {
+                // Under the lock, so that the channel's end (which takes it) sees this.
                 self.spilled.fetch_add(data.len() as u64, Ordering::AcqRel);
+                self.spill_gauge.inc_by(data.len() as i64);
                 Some(chunk)
             }
             Err(e) => {
@@ -269,6 +282,7 @@ impl ChannelInput {
                 Ok(b) => {
                     let len = b.len() as u64;
                     self.spilled.fetch_sub(len, Ordering::AcqRel);
+                    self.spill_gauge.dec_by(len as i64);
                     self.spilled_total += len;
                     let old = self.pending.fetch_add(len, Ordering::AcqRel);
                     self.intake
@@ -329,8 +343,13 @@ impl ChannelInput {
 
 impl Drop for ChannelInput {
     fn drop(&mut self) {
-        // The file goes now (the queued chunks' references go with `rx`).
-        *self.spill.lock().unwrap_or_else(|e| e.into_inner()) = SpillState::Closed;
+        // The file goes now (the queued chunks' references go with `rx`), and what it held
+        // leaves the metric; no spill can start after this.
+        let mut state = self.spill.lock().unwrap_or_else(|e| e.into_inner());
+        *state = SpillState::Closed;
+        self.spill_gauge
+            .dec_by(self.spilled.swap(0, Ordering::AcqRel) as i64);
+        drop(state);
         let left = self.pending.swap(CLOSED, Ordering::AcqRel);
         self.intake.sub(counted(left & !CLOSED, self.max_pending));
     }
@@ -415,7 +434,7 @@ mod tests {
     #[tokio::test]
     async fn intake_counts_bytes_until_delivered_or_dropped() {
         let intake = Arc::new(Intake::default());
-        let (mut inbox, mut input) = inbox(&settings(1 << 20, 0), intake.clone());
+        let (mut inbox, mut input) = inbox(&settings(1 << 20, 0), intake.clone(), Gauge::default());
         assert!(inbox.push(&[1; 1000]));
         assert!(inbox.push(&[2; 500]));
         assert_eq!(intake.get(), 1500);
@@ -434,7 +453,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_spill_file_the_backlog_counts_fully_then_is_cut_at_twice_max_pending() {
         let intake = Arc::new(Intake::default());
-        let (mut inbox, input) = inbox(&settings(1000, 0), intake.clone());
+        let (mut inbox, input) = inbox(&settings(1000, 0), intake.clone(), Gauge::default());
         assert!(inbox.push(&[0; 600]));
         assert!(inbox.push(&[0; 600]));
         assert_eq!(intake.get(), 1200, "all of it paces the session");
@@ -449,7 +468,8 @@ mod tests {
     #[tokio::test]
     async fn past_max_pending_data_waits_in_the_spill_file_in_order_uncounted() {
         let intake = Arc::new(Intake::default());
-        let (mut inbox, mut input) = inbox(&settings(1000, 3000), intake.clone());
+        let gauge = Gauge::default();
+        let (mut inbox, mut input) = inbox(&settings(1000, 3000), intake.clone(), gauge.clone());
         let data: Vec<u8> = (0..3500u32).map(|i| i as u8).collect();
         for part in data.chunks(500) {
             assert!(inbox.push(part));
@@ -457,6 +477,7 @@ mod tests {
         // 1000 in memory, 2500 in the file: only the memory part counts.
         assert_eq!(intake.get(), 1000);
         assert_eq!(input.spilled.load(Ordering::Acquire), 2500);
+        assert_eq!(gauge.get(), 2500, "the metric shows what is on disk");
         // The file is full: the next 1000 go to memory and count (the pause), then a cut.
         assert!(inbox.push(&data[..1000]));
         assert_eq!(intake.get(), 2000);
@@ -465,7 +486,28 @@ mod tests {
         assert_eq!(back, data, "memory first, then the file, in arrival order");
         assert_eq!(input.spilled_total, 2500);
         assert_eq!(input.spilled.load(Ordering::Acquire), 0);
+        assert_eq!(gauge.get(), 0, "read back, it leaves the metric");
         drop(input);
         assert_eq!(intake.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_channel_that_ends_with_a_spilled_backlog_takes_it_off_the_metric() {
+        let gauge = Gauge::default();
+        let intake = Arc::new(Intake::default());
+        let (mut first, first_input) =
+            inbox(&settings(1000, 1 << 20), intake.clone(), gauge.clone());
+        let (mut second, second_input) = inbox(&settings(1000, 1 << 20), intake, gauge.clone());
+        for _ in 0..5 {
+            assert!(first.push(&[1; 1000]));
+            assert!(second.push(&[2; 1000]));
+        }
+        assert_eq!(gauge.get(), 8000, "both channels' files, 4000 each");
+        drop(first_input);
+        assert_eq!(gauge.get(), 4000, "the ended channel's file is gone");
+        assert!(!first.push(&[1; 1000]), "and it takes no more");
+        assert_eq!(gauge.get(), 4000);
+        drop(second_input);
+        assert_eq!(gauge.get(), 0);
     }
 }

@@ -263,7 +263,11 @@ mod tests {
         let agent_side = TcpStream::connect(listener.local_addr().unwrap());
         let (agent_side, accepted) = tokio::join!(agent_side, listener.accept());
         let (mut target, _) = accepted.unwrap();
-        let (mut inbox, mut input) = inbox::inbox(&settings(), Arc::new(Intake::default()));
+        let (mut inbox, mut input) = inbox::inbox(
+            &settings(),
+            Arc::new(Intake::default()),
+            prometheus_client::metrics::gauge::Gauge::default(),
+        );
         let telemetry = Telemetry::new(
             None,
             Endpoints {

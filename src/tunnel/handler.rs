@@ -167,7 +167,11 @@ impl client::Handler for SessionHandler {
         let id = channel.id();
         let (read_half, write_half) = channel.split();
         let settings = self.fwd.settings();
-        let (inbox, input) = channel::inbox(&settings, self.shared.intake.clone());
+        let (inbox, input) = channel::inbox(
+            &settings,
+            self.shared.intake.clone(),
+            self.fwd.telemetry.metrics.spill_bytes.clone(),
+        );
         // russh's queue for the channel is emptied by the handler (see the module comment).
         let inbox = inbox.with_queue(read_half);
         // A channel we had to close first gets no `channel_close` callback from russh: drop

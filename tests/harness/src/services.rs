@@ -71,3 +71,24 @@ pub async fn http_server(body: &'static str) -> SocketAddr {
     });
     addr
 }
+
+/// `GET path` from an HTTP endpoint on loopback (the agent's metrics): head and body.
+pub async fn scrape(port: u16, path: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the unlabelled metric `name` on the agent's metrics endpoint.
+pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = scrape(port, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
