@@ -1,6 +1,7 @@
 //! Configuration cases as files (`tests/config-fixtures/NAME.toml`, an optional `NAME.env`,
 //! and `NAME.expect`), checked in process against `config::load`: each `error:` line of the
-//! expect file is part of exactly one reported error, and there are no others; each
+//! expect file is part of exactly one reported error (` ... ` stands for any text between two
+//! parts), and there are no others; each
 //! `summary:` line is part of a valid configuration's `check-config` summary. The keys come
 //! from a systemd credential, so the cases need no key material. (tests/config.rs runs the
 //! binary end to end: exit codes, files and permissions, secrets.)
@@ -61,11 +62,7 @@ fn every_fixture_loads_as_its_expect_file_says() {
             Err(e) => {
                 assert!(!errors.is_empty(), "{name}: refused:\n{e}");
                 for want in &errors {
-                    let hits = e
-                        .errors
-                        .iter()
-                        .filter(|g| g.contains(want.as_str()))
-                        .count();
+                    let hits = e.errors.iter().filter(|g| matches(g, want)).count();
                     assert_eq!(hits, 1, "{name}: {hits} errors contain {want:?}:\n{e}");
                 }
                 assert_eq!(
@@ -76,4 +73,16 @@ fn every_fixture_loads_as_its_expect_file_says() {
             }
         }
     }
+}
+
+/// Whether `error` holds the parts of `want` (split at ` ... `), in order.
+fn matches(error: &str, want: &str) -> bool {
+    let mut rest = error;
+    for part in want.split(" ... ") {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
 }

@@ -86,6 +86,9 @@ pub(super) struct Layers<'a> {
     pub(super) env_file: BTreeMap<String, String>,
     /// Which sources had anything, for messages and `check-config`.
     pub(super) origin: Vec<String>,
+    /// The toml file exists but could not be parsed, so none of its settings count: a
+    /// setting then reported missing may well be in it.
+    pub(super) toml_unread: bool,
 }
 
 impl<'a> Layers<'a> {
@@ -107,13 +110,17 @@ impl<'a> Layers<'a> {
         };
 
         let mut raw = RawFile::default();
+        let mut toml_unread = false;
         let toml_name = toml_path.display().to_string();
         match read_small_file(&toml_path, toml_required) {
             Ok(Some(text)) => {
                 origin.push(toml_name.clone());
                 match toml::from_str::<RawFile>(&text) {
                     Ok(r) => raw = r,
-                    Err(e) => errors.push(format!("{toml_name}: {}", one_line_toml_error(&e))),
+                    Err(e) => {
+                        toml_unread = true;
+                        errors.push(format!("{toml_name}: {}", one_line_toml_error(&e)));
+                    }
                 }
             }
             Ok(None) => {}
@@ -146,6 +153,19 @@ impl<'a> Layers<'a> {
             raw,
             env_file,
             origin,
+            toml_unread,
+        }
+    }
+
+    /// Said after "no ... configured" when the toml could not be read.
+    pub(super) fn unread_hint(&self) -> String {
+        if self.toml_unread {
+            format!(
+                " ({} has an error, so none of its settings were read: fix that first)",
+                self.toml_name
+            )
+        } else {
+            String::new()
         }
     }
 

@@ -14,6 +14,7 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
     let sources = l.sources;
     let (toml_path, toml_name) = (&l.toml_path, &l.toml_name);
     let (env_path, env_name) = (&l.env_path, &l.env_name);
+    let unread = l.unread_hint();
     let env_file = &l.env_file;
     let raw = &l.raw;
     let env_val = |names: &[&str]| l.env_val(names);
@@ -33,7 +34,7 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
         Some(v) => v.value.trim().to_string(),
         None => {
             errors.push(format!(
-                "no tunnel host configured: set [tunnel] host in {toml_name} or SSH_HOST in {env_name}"
+                "no tunnel host configured: set [tunnel] host in {toml_name} or SSH_HOST in {env_name}{unread}"
             ));
             String::new()
         }
@@ -52,7 +53,7 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
             Some(p) => int_port(p, &toml_at("tunnel", "listen_port"), errors),
             None => {
                 errors.push(format!(
-                    "no listen port configured: set [tunnel] listen_port in {toml_name} or SSH_LISTEN_PORT in {env_name} (Secoda shows it on the tunnel's page)"
+                    "no listen port configured: set [tunnel] listen_port in {toml_name} or SSH_LISTEN_PORT in {env_name} (Secoda shows it on the tunnel's page){unread}"
                 ));
                 0
             }
@@ -106,7 +107,7 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
                 load_key_credential(name, &toml_at("tunnel", "key_credential"), sources)
             }
             (None, None, None) => Err(format!(
-                "no private key configured: set [tunnel] key_file, key_base64 or key_credential in {toml_name}, or SSH_KEY_BASE64 in {env_name}"
+                "no private key configured: set [tunnel] key_file, key_base64 or key_credential in {toml_name}, or SSH_KEY_BASE64 in {env_name}{unread}"
             )),
             (file, b64, cred) => {
                 let set: Vec<&str> = [
