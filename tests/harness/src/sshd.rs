@@ -10,12 +10,23 @@ use tempfile::TempDir;
 
 pub const SSHD: &str = "/usr/sbin/sshd";
 
+/// A loopback port nothing listens on now, never one this process handed out before: a port
+/// is free again once its sshd is killed, and the kernel may offer it to the next caller,
+/// which (as a listen port) would then clash with the sshd when it restarts on its port.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn user() -> String {
