@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use prometheus_client::metrics::gauge::Gauge;
 use russh::{ChannelMsg, ChannelReadHalf};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, Notify};
@@ -21,7 +22,6 @@ use crate::config::ForwardConfig;
 use crate::constants::INTAKE_SHARE;
 use crate::session::Intake;
 use crate::spill::{Chunk, Spill};
-use prometheus_client::metrics::gauge::Gauge;
 
 /// What the session hands a channel task.
 pub enum Inbound {
