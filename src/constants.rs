@@ -96,6 +96,21 @@ pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600
 /// Channel tasks stop producing output for the server while this much is already waiting in
 /// the transport's buffer (see transport.rs): bounds memory without ever blocking the session.
 pub const SSH_BACKLOG_HIGH: usize = 256 * 1024;
+/// While small exchanges are under way, a session's channels keep at most what one round trip
+/// carries at this rate in flight towards the server, but at least `FLIGHT_BUDGET_MIN`
+/// (channel/flight.rs): 1 GiB/s is more than a tunnel moves here, so the budget binds only on
+/// paths shorter than 2 ms.
+pub const FLIGHT_RATE: u64 = 1 << 30;
+/// 256 KiB for each of two downloads cost no throughput beside a ping (a lone download needs
+/// about 1 MiB); 128 KiB each did (docs/performance.md).
+pub const FLIGHT_BUDGET_MIN: u64 = 512 * 1024;
+/// A channel with less than this in flight may always send. Above OpenSSH's 96 KiB: sshd
+/// adjusts a channel's window only once more than that of it waits for an adjustment.
+pub const FLIGHT_FREE: u64 = 128 * 1024;
+/// The budget applies for this long after a small reply went to the server.
+pub const FLIGHT_INTERACTIVE_HOLD: Duration = Duration::from_millis(100);
+/// A channel that waits this long for a window adjustment goes on outside the budget.
+pub const FLIGHT_ACK_WAIT: Duration = Duration::from_millis(50);
 /// A target's read that returns less than this is a small message (a reply), sent at once
 /// rather than after a turn behind bulk data (channel/splice.rs).
 pub const SMALL_READ: usize = 4 * 1024;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
+use crate::channel::FlightControl;
 use crate::constants::{INTAKE_HIGH, INTAKE_PAUSE_MAX, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS};
 use crate::count::OpenCount;
 
@@ -21,6 +22,8 @@ pub struct SessionShared {
     pub accepting: AtomicBool,
     /// This session's open channels, so a retired session can drain on its own.
     pub channels: Arc<OpenCount>,
+    /// The channels' data in flight towards the server (channel/flight.rs).
+    pub flight: FlightControl,
 }
 
 impl Default for SessionShared {
@@ -31,6 +34,7 @@ impl Default for SessionShared {
             received: AtomicU64::new(0),
             accepting: AtomicBool::new(true),
             channels: Arc::new(OpenCount::default()),
+            flight: FlightControl::default(),
         }
     }
 }

@@ -117,6 +117,8 @@ pub struct Metrics {
     channels_active: Gauge,
     /// Bytes of slow targets' backlogs in spill files now (channel/inbox.rs keeps it).
     pub spill_bytes: Gauge,
+    /// Bytes sent towards the server that it has not yet passed on (channel/flight.rs).
+    pub in_flight_bytes: Gauge,
     opened: Family<OutcomeLabels, Counter>,
     pub bytes_to_target: Counter,
     pub bytes_from_target: Counter,
@@ -133,6 +135,7 @@ impl Metrics {
         let session_age = Gauge::<f64, AtomicU64>::default();
         let channels_active = Gauge::default();
         let spill_bytes = Gauge::default();
+        let in_flight_bytes = Gauge::default();
         let opened = Family::<OutcomeLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
         // 100 us .. ~6.5 s: a SOCKS request arrives in well under a millisecond on a healthy
@@ -168,6 +171,11 @@ impl Metrics {
             "spill_bytes",
             "Bytes waiting for slow targets in spill files (on disk) now",
             spill_bytes.clone(),
+        );
+        registry.register(
+            "in_flight_bytes",
+            "Bytes sent towards the server that it has not yet passed on to Secoda",
+            in_flight_bytes.clone(),
         );
         registry.register(
             "channels_opened",
@@ -207,6 +215,7 @@ impl Metrics {
             session_age,
             channels_active,
             spill_bytes,
+            in_flight_bytes,
             opened,
             bytes_to_target,
             bytes_from_target,

@@ -639,3 +639,111 @@ async fn move_100_mib(listen: u16, seed: u64) {
     bulk.read_to_string(&mut answer).await.unwrap();
     assert_eq!(answer, (100u64 << 20).to_string());
 }
+
+/// Two bulk downloads with a ping-pong beside them: while replies flow, what the agent has
+/// sent towards the server and the server has not yet passed on (the `in_flight_bytes`
+/// gauge) stays within the session's budget: 512 KiB, plus the 128 KiB any channel may always
+/// have in flight, plus a packet for each channel and the pings themselves, where the
+/// channels' windows alone allow 2 MiB each; and every byte of the downloads arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_wait_behind_a_bounded_amount_of_bulk_data() {
+    const BUDGET: f64 = 512.0 * 1024.0;
+    const FREE: f64 = 128.0 * 1024.0;
+    const PACKET: f64 = 32.0 * 1024.0;
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let mport = free_port();
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"),
+    ));
+    agent.wait_ready().await;
+    let gauge = "secoda_agent_in_flight_bytes";
+    assert_eq!(metric(mport, gauge).await, Some(0.0));
+
+    // A source that sends each connection 96 MiB and closes.
+    let len = 96 << 20;
+    let data = std::sync::Arc::new(payload(len, 21));
+    let source = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let source_port = source.local_addr().unwrap().port();
+    let served = data.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = source.accept().await {
+            let data = served.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let echo = echo_server().await;
+    let (code, ping) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
+    let mut ping = ping.unwrap();
+    // The ping-pong first, so that replies are flowing before bulk data does.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ping_done = done.clone();
+    let (first_tx, first) = tokio::sync::oneshot::channel();
+    let pinger = tokio::spawn(async move {
+        let (msg, mut back) = (payload(100, 22), [0u8; 100]);
+        let (mut exchanges, mut first_tx) = (0u32, Some(first_tx));
+        while !ping_done.load(std::sync::atomic::Ordering::Relaxed) {
+            ping.write_all(&msg).await.unwrap();
+            ping.read_exact(&mut back).await.unwrap();
+            assert_eq!(back[..], msg[..]);
+            exchanges += 1;
+            if let Some(tx) = first_tx.take() {
+                let _ = tx.send(());
+            }
+            // Replies every few milliseconds, as a crawl of small queries makes them.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        exchanges
+    });
+    first.await.unwrap();
+    let sample_done = done.clone();
+    let sampler = tokio::spawn(async move {
+        let (mut most, mut samples) = (0f64, 0u32);
+        while !sample_done.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(v) = metric(mport, gauge).await {
+                most = most.max(v);
+                samples += 1;
+            }
+        }
+        (most, samples)
+    });
+    let mut downloads = Vec::new();
+    for _ in 0..2 {
+        let (code, s) = socks5(listen, "127.0.0.1", source_port).await;
+        assert_eq!(code, 0);
+        let mut s = s.unwrap();
+        downloads.push(tokio::spawn(async move {
+            let mut got = Vec::with_capacity(len);
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        }));
+    }
+    for d in downloads {
+        let got = d.await.unwrap();
+        assert_eq!(got.len(), len, "a download was cut short");
+        assert!(got == *data, "a download arrived changed");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let exchanges = pinger.await.unwrap();
+    let (most, samples) = sampler.await.unwrap();
+    eprintln!("in flight: at most {most} bytes in {samples} samples; {exchanges} ping-pongs");
+    assert!(exchanges > 10 && samples > 10, "too few observations");
+    assert!(most > 0.0, "the gauge never moved");
+    assert!(
+        most <= BUDGET + FREE + 3.0 * PACKET + 100.0 * f64::from(exchanges),
+        "{most} bytes in flight beside the ping-pong: more than the budget"
+    );
+    agent.wait_no_channels().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(mport, gauge).await == Some(0.0)
+        })
+        .await,
+        "bytes still counted in flight after every channel ended"
+    );
+}

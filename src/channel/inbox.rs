@@ -23,6 +23,8 @@ use crate::constants::INTAKE_SHARE;
 use crate::session::Intake;
 use crate::spill::{Chunk, Spill};
 
+use super::flight::Acks;
+
 /// What the session hands a channel task.
 pub enum Inbound {
     Data(Bytes),
@@ -68,6 +70,8 @@ pub struct Inbox {
     intake: Arc<Intake>,
     /// russh's own bounded queue for this channel, when kept (see [`Inbox::with_queue`]).
     queued: Option<ChannelReadHalf>,
+    /// The server's window adjustments for the channel (flight.rs).
+    pub acks: Arc<Acks>,
 }
 
 /// Set in a channel's `pending` once its task has gone: nothing is counted after that.
@@ -92,6 +96,7 @@ pub struct ChannelInput {
     /// Signalled on overflow, so the channel is cut even while its task waits on the target.
     pub(super) cut: Arc<Notify>,
     intake: Arc<Intake>,
+    pub(super) acks: Arc<Acks>,
 }
 
 /// A channel's `pending` bytes are counted in the session's [`Intake`] as [`counted`] says,
@@ -107,6 +112,7 @@ pub fn inbox(
     let spilled = Arc::new(AtomicU64::new(0));
     let spill = Arc::new(Mutex::new(SpillState::Unused));
     let cut = Arc::new(Notify::new());
+    let acks = Arc::new(Acks::default());
     (
         Inbox {
             tx,
@@ -119,6 +125,7 @@ pub fn inbox(
             cut: cut.clone(),
             intake: intake.clone(),
             queued: None,
+            acks: acks.clone(),
         },
         ChannelInput {
             rx,
@@ -134,6 +141,7 @@ pub fn inbox(
             overflow: None,
             cut,
             intake,
+            acks,
         },
     )
 }

@@ -2,9 +2,11 @@
 //! connect, answer, then splice bytes both ways with half-close (splice.rs). The channel's
 //! input arrives through its inbox (inbox.rs).
 
+mod flight;
 mod inbox;
 mod splice;
 
+pub use flight::{Acks, FlightControl};
 pub use inbox::{inbox, ChannelInput, Inbound, Inbox};
 
 use std::io;
@@ -151,7 +153,7 @@ pub async fn serve_channel(
         .open_channel(target.clone(), origin.originator.clone());
     let cut = input.cut.clone();
     let end = tokio::select! {
-        end = splice(&mut input, stream, &channel, &mut writer, &origin.session.backlog, &counts, settings.stall_timeout) => end,
+        end = splice(&mut input, stream, &channel, &mut writer, &origin.session, &counts, settings.stall_timeout) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
     };
     let spilled = input.spilled_total;

@@ -1,7 +1,7 @@
 //! Copying a channel's bytes both ways once its target is connected: server to target from
-//! the channel's input in vectored batches, target to server paced by the SSH window and the
-//! transport's backlog, with half-close, and a cut for a target that takes nothing for
-//! `stall_timeout`.
+//! the channel's input in vectored batches, target to server paced by the SSH window, the
+//! session's budget for data in flight (flight.rs) and the transport's backlog, with
+//! half-close, and a cut for a target that takes nothing for `stall_timeout`.
 
 use std::future::Future;
 use std::io;
@@ -14,9 +14,10 @@ use russh::ChannelWriteHalf;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::flight::Flight;
 use super::inbox::ChannelInput;
 use crate::constants::{SMALL_READ, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS};
-use crate::session::Backlog;
+use crate::session::SessionShared;
 use crate::telemetry::ChannelStat;
 
 pub(super) enum End {
@@ -68,12 +69,15 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
     target: TcpStream,
     channel: &C,
     writer: &mut W,
-    backlog: &Backlog,
+    session: &SessionShared,
     counts: &ChannelStat,
     stall_timeout: Duration,
 ) -> End {
     let (tr, mut tw) = target.into_split();
     let server_eof = AtomicBool::new(false);
+    let backlog = &session.backlog;
+    let acks = input.acks.clone();
+    let mut flight = Flight::new(&acks, &session.flight);
 
     let end = {
         // Server -> target. After the server's EOF it keeps watching the inbox, so that a
@@ -109,12 +113,15 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
         };
         // Target -> server, then our EOF. A buffer exists only while data is in hand (an
         // idle channel holds none): with a thousand open channels, per-channel read buffers
-        // would be most of the agent's memory. While the server's window for this channel is
-        // open, the channel takes a turn and waits for room in the transport before it reads
-        // (see `Backlog`), so output is produced no faster than the socket takes it.
+        // would be most of the agent's memory. A channel over the session's budget for data in
+        // flight waits for the server to pass some of its data on (flight.rs). While the
+        // server's window for this channel is open, the channel takes a turn and waits for
+        // room in the transport before it reads (see `Backlog`), so output is produced no
+        // faster than the socket takes it.
         let down = async {
             loop {
                 tr.readable().await?;
+                flight.room().await;
                 let window = channel.window().await;
                 // A small reply (a query result, a protocol message) goes to the session at
                 // once: it must not wait for a turn behind bulk data. What fills the small
@@ -155,7 +162,10 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
                     }
                 }
                 let n = buf.len();
+                // A read that emptied the socket before filling the probe is a reply.
+                let reply = window > 0 && first < small;
                 channel.send(buf.freeze()).await?;
+                flight.sent(n, reply);
                 drop(turn);
                 counts.add_from_target(n as u64);
             }
@@ -277,7 +287,7 @@ mod tests {
             },
         );
         let counts = telemetry.open_channel("t:1".into(), "o:1".into());
-        let (output, backlog) = (Recorder::default(), Backlog::default());
+        let (output, session) = (Recorder::default(), SessionShared::default());
         let mut eof = tokio::io::sink();
 
         let from_server: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -300,7 +310,7 @@ mod tests {
             agent_side.unwrap(),
             &output,
             &mut eof,
-            &backlog,
+            &session,
             &counts,
             Duration::from_secs(60),
         );

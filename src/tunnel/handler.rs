@@ -214,6 +214,20 @@ impl client::Handler for SessionHandler {
         Ok(())
     }
 
+    /// Also the server's word that it passed the channel's data on (channel/flight.rs).
+    async fn window_adjusted(
+        &mut self,
+        channel: ChannelId,
+        remaining: u32,
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(inbox) = self.inboxes.get_mut(&channel) {
+            inbox.drain();
+            self.shared.flight.adjusted(&inbox.acks, remaining);
+        }
+        Ok(())
+    }
+
     async fn channel_eof(
         &mut self,
         channel: ChannelId,
@@ -225,14 +239,14 @@ impl client::Handler for SessionHandler {
         Ok(())
     }
 
-    // russh queues a message for the channel before each of these callbacks too: empty the
-    // queue there (see the module comment). This list matches every `chan.send` in russh
-    // 0.65's client/encrypted.rs; re-check it on upgrade. A message queued with no callback
-    // after it would fill the queue and wedge the session until the liveness probe replaces
-    // it (without `window_adjusted` here, `rekeys_under_load_cut_no_channel` hangs).
+    // russh queues a message for the channel before each of these callbacks too (and before
+    // `window_adjusted` above): empty the queue there (see the module comment). This list
+    // matches every `chan.send` in russh 0.65's client/encrypted.rs; re-check it on upgrade.
+    // A message queued with no callback after it would fill the queue and wedge the session
+    // until the liveness probe replaces it (without draining in `window_adjusted`,
+    // `rekeys_under_load_cut_no_channel` hangs).
     drain_only! {
         extended_data(u32, &[u8]);
-        window_adjusted(u32);
         channel_success();
         channel_failure();
         xon_xoff(bool);

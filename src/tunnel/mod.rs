@@ -25,11 +25,12 @@ use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
 use tokio::sync::oneshot;
 
-use crate::channel::Forwarder;
+use crate::channel::{FlightControl, Forwarder};
 use crate::config::{fingerprint, TunnelConfig};
 use crate::constants::*;
 use crate::error::TunnelError;
 use crate::session::SessionShared;
+use crate::sys;
 use crate::transport::Transport;
 use handler::{HandlerError, SessionHandler};
 
@@ -75,7 +76,10 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         reason: e.to_string(),
     })?;
 
-    let shared = Arc::new(SessionShared::default());
+    let shared = Arc::new(SessionShared {
+        flight: FlightControl::new(fwd.telemetry.metrics.in_flight_bytes.clone()),
+        ..SessionShared::default()
+    });
     let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
     let (ended_tx, ended_rx) = oneshot::channel();
     let handler = SessionHandler {
@@ -104,11 +108,24 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
                 },
             })?;
         authenticate(&mut handle, t).await?;
+        let asked = Instant::now();
         match handle
             .tcpip_forward(t.listen_address.clone(), u32::from(t.listen_port))
             .await
         {
-            Ok(_) => Ok(handle),
+            Ok(_) => {
+                // The round trip the in-flight budget starts from (channel/flight.rs): the
+                // kernel's for a direct connection, as it has timed the handshake's packets
+                // to the server itself. Through a proxy the kernel sees only the proxy's,
+                // which may be far shorter than the server's: there the forward request's
+                // own, which is longer than the path's (never a budget too small for it).
+                let kernel = socket.as_ref().and_then(sys::tcp_round_trip);
+                match kernel {
+                    Some(rtt) if t.proxy.is_none() => shared.flight.round_trip(rtt),
+                    _ => shared.flight.round_trip(asked.elapsed()),
+                }
+                Ok(handle)
+            }
             Err(russh::Error::RequestDenied) => Err(TunnelError::ForwardRefused {
                 address: t.listen_address.clone(),
                 port: t.listen_port,
