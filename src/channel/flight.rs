@@ -95,7 +95,6 @@ impl FlightControl {
             .window
             .fetch_max(remaining, Ordering::Relaxed)
             .max(remaining);
-        acks.remaining.store(remaining, Ordering::Relaxed);
         let now = u64::from(initial - remaining);
         let mut old = acks.counted.load(Ordering::Acquire);
         loop {
@@ -111,7 +110,6 @@ impl FlightControl {
             }
         }
         self.add(now as i64 - old as i64);
-        acks.count.fetch_add(1, Ordering::Release);
         acks.arrived.notify_one();
     }
 
@@ -154,8 +152,6 @@ const CLOSED: u64 = 1 << 63;
 pub struct Acks {
     /// This channel's part of [`FlightControl::in_flight`].
     counted: AtomicU64,
-    remaining: AtomicU32,
-    count: AtomicU64,
     arrived: Notify,
 }
 
