@@ -96,19 +96,14 @@ impl FlightControl {
             .fetch_max(remaining, Ordering::Relaxed)
             .max(remaining);
         let now = u64::from(initial - remaining);
-        let mut old = acks.counted.load(Ordering::Acquire);
-        loop {
-            if old & CLOSED != 0 {
-                return;
-            }
-            match acks
-                .counted
-                .compare_exchange_weak(old, now, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => break,
-                Err(o) => old = o,
-            }
-        }
+        let Ok(old) = acks
+            .counted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                (old & CLOSED == 0).then_some(now)
+            })
+        else {
+            return;
+        };
         self.add(now as i64 - old as i64);
         acks.arrived.notify_one();
     }
@@ -123,11 +118,12 @@ impl FlightControl {
     pub fn budget(&self) -> Option<u64> {
         let us = self.round_trip_us.load(Ordering::Relaxed);
         let small = self.small_at.load(Ordering::Relaxed);
+        if us == u64::MAX || small == 0 {
+            return None;
+        }
+        // The clock only while replies have been seen: bulk alone reads it never.
         let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
-        if us == u64::MAX
-            || small == 0
-            || now.saturating_sub(small) > FLIGHT_INTERACTIVE_HOLD.as_micros() as u64
-        {
+        if now.saturating_sub(small) > FLIGHT_INTERACTIVE_HOLD.as_micros() as u64 {
             return None;
         }
         let per_trip = u128::from(us) * u128::from(FLIGHT_RATE) / 1_000_000;
