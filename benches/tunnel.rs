@@ -331,6 +331,7 @@ struct Round {
     slow_ping_p50_ms: f64,
     slow_ping_p99_ms: f64,
     slow_download_mibs: f64,
+    slow_download_share: f64,
     slow_upload_exact: f64,
     slow_rss_peak_mib: f64,
     mixed_ping_p50_ms: f64,
@@ -418,11 +419,26 @@ async fn download_until(
     got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// A download alone for `d`, MiB/s.
+async fn download_for(listen: u16, source: u16, d: Duration) -> f64 {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let down = tokio::spawn(download_until(listen, source, stop.clone()));
+    tokio::time::sleep(d).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    down.await.unwrap()
+}
+
+/// How long the download beside the slow target runs alone just before and just after it.
+const SLOW_ALONE: Duration = Duration::from_secs(3);
+
 /// A slow target (16 MiB/s) is sent 256 MiB while another channel downloads and a third
 /// pings: the others must not slow down, the upload must arrive whole, memory stays bounded.
+/// The download's speed alone is taken just before and just after: this machine's speed
+/// drifts between the bench's phases more than the effect measured here.
 async fn slow_target(pid: u32, listen: u16, svc: &Services, r: &mut Round) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
+    let alone_before = download_for(listen, svc.source, SLOW_ALONE).await;
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -454,6 +470,8 @@ async fn slow_target(pid: u32, listen: u16, svc: &Services, r: &mut Round) {
     r.slow_ping_p50_ms = percentile(&mut lat, 0.5);
     r.slow_ping_p99_ms = percentile(&mut lat, 0.99);
     let _ = sampler.await;
+    let alone_after = download_for(listen, svc.source, SLOW_ALONE).await;
+    r.slow_download_share = 100.0 * r.slow_download_mibs / ((alone_before + alone_after) / 2.0);
     r.slow_rss_peak_mib = peak.load(Ordering::Relaxed) as f64 / 1024.0;
 }
 
@@ -727,7 +745,7 @@ async fn main() {
     }
 
     type Pick = fn(&Round) -> f64;
-    let rows: [(&str, Pick); 23] = [
+    let rows: [(&str, Pick); 24] = [
         ("bulk upload, MiB/s (server -> target)", |r| r.upload_mibs),
         ("bulk download, MiB/s (target -> server)", |r| {
             r.download_mibs
@@ -761,6 +779,10 @@ async fn main() {
         ("slow target: other download, MiB/s", |r| {
             r.slow_download_mibs
         }),
+        (
+            "slow target: other download, % of it alone just before and after",
+            |r| r.slow_download_share,
+        ),
         ("slow target: all 256 MiB arrived (1 = yes)", |r| {
             r.slow_upload_exact
         }),
