@@ -242,12 +242,19 @@ impl Sshd {
         std::fs::write(path, keys).unwrap();
     }
 
-    /// An agent.toml for this server; `extra` is appended (extra sections or keys).
+    /// An agent.toml for this server; `extra` is appended (extra sections or keys). Keepalives
+    /// are 2 s x 3, so that a dead server is seen quickly, unless `extra` sets
+    /// `keepalive_interval` itself (its keys before any section header belong to `[tunnel]`).
     pub fn agent_toml(&self, listen_port: u16, extra: &str) -> String {
+        let keepalive = if extra.contains("keepalive_interval") {
+            ""
+        } else {
+            "keepalive_interval = \"2s\"\nkeepalive_max = 3\n"
+        };
         format!(
             "[tunnel]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nlisten_port = {listen_port}\n\
              listen_address = \"127.0.0.1\"\nkey_file = \"{}\"\nhost_keys = [\"{}\"]\n\
-             keepalive_interval = \"2s\"\nkeepalive_max = 3\n{extra}",
+             {keepalive}{extra}",
             self.port,
             self.user,
             self.client_key.display(),
