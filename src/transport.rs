@@ -12,7 +12,10 @@
 //! 2. **No delayed-ACK stalls.** sshd leaves Nagle on for forwarded channels, so a small
 //!    reply (a SOCKS answer, a query result) waits in sshd until our delayed ACK (~40 ms)
 //!    arrives. Re-arming `TCP_QUICKACK` after each small read makes us ACK at once; large
-//!    reads (bulk data) skip the system call, keeping the fast path cheap.
+//!    reads (bulk data) skip the system call, keeping the fast path cheap. The re-arm sends
+//!    the pending ACK within the system call, so it is left to a small task of its own
+//!    ([`Acker`]) that tokio runs after the channel task the packet woke: the ACK follows the
+//!    packet's write to its target instead of delaying it.
 //! 3. **Reading no faster than the channels deliver.** russh re-opens a channel's SSH window
 //!    as data arrives, not as it is consumed, so the window bounds nothing: with many busy
 //!    channels the data queued for targets grew without bound (docs/performance.md). While
@@ -51,6 +54,8 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
 use crate::constants::{
     COALESCE_AFTER_READ, COALESCE_BYTES, COALESCE_MIN_RCVBUF, COALESCE_RETRY_READS, COALESCE_WAIT,
@@ -74,6 +79,44 @@ pub struct Transport {
     /// A pause saw no progress: read freely until the queue is below half the mark.
     stuck: bool,
     coalesce: Coalesce,
+    /// `None` outside a runtime or when the socket cannot be duplicated: re-arm in place.
+    acker: Option<Acker>,
+}
+
+/// Point 2: re-arms `TCP_QUICKACK` on its own duplicate of the socket each time it is woken.
+/// A task of its own because of the order tokio runs woken tasks in: the task woken last runs
+/// first. The acker is woken when a small packet is read, before russh decodes it; the
+/// channel task its data is for is woken after, so it writes to the target first and the
+/// ACK goes right after, instead of a system call in between.
+struct Acker {
+    due: Arc<Notify>,
+    task: AbortHandle,
+}
+
+impl Acker {
+    fn spawn(tcp: &TcpStream) -> Option<Self> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        // Its own descriptor: the task may outlive the transport by a poll.
+        let socket = socket2::SockRef::from(tcp).try_clone().ok()?;
+        let due = Arc::new(Notify::new());
+        let woken = due.clone();
+        let task = runtime
+            .spawn(async move {
+                loop {
+                    woken.notified().await;
+                    // Best effort: a failure only costs latency.
+                    let _ = socket.set_tcp_quickack(true);
+                }
+            })
+            .abort_handle();
+        Some(Acker { due, task })
+    }
+}
+
+impl Drop for Acker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Point 5: consecutive large reads, and whether `SO_RCVLOWAT` is raised because of them.
@@ -148,6 +191,7 @@ impl Transport {
         // Best effort: without it (a kernel before 3.12), small replies queue behind more
         // bulk data, nothing else changes.
         let _ = set_notsent_lowat(&tcp, SSH_NOTSENT_LOWAT);
+        let acker = Acker::spawn(&tcp);
         Transport {
             tcp,
             pending: BytesMut::new(),
@@ -158,6 +202,7 @@ impl Transport {
             rpos: 0,
             rlen: 0,
             coalesce: Coalesce::default(),
+            acker,
         }
     }
 
@@ -261,8 +306,13 @@ impl AsyncRead for Transport {
             if n > 0 {
                 this.session.received.fetch_add(n as u64, Ordering::Relaxed);
                 if n < QUICKACK_BELOW && !this.coalesce.on {
-                    // Best effort: a failure only costs latency.
-                    let _ = socket2::SockRef::from(&this.tcp).set_tcp_quickack(true);
+                    match &this.acker {
+                        Some(acker) => acker.due.notify_one(),
+                        // Best effort: a failure only costs latency.
+                        None => {
+                            let _ = socket2::SockRef::from(&this.tcp).set_tcp_quickack(true);
+                        }
+                    }
                 }
             }
         }

@@ -6,12 +6,14 @@
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
 use russh::ChannelWriteHalf;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use super::flight::Flight;
@@ -73,7 +75,7 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
     counts: &ChannelStat,
     stall_timeout: Duration,
 ) -> End {
-    let (tr, mut tw) = target.into_split();
+    let (mut tr, mut tw) = target.into_split();
     let server_eof = AtomicBool::new(false);
     let backlog = &session.backlog;
     let acks = input.acks.clone();
@@ -132,7 +134,7 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
                     SPLICE_BUFFER_SIZE
                 };
                 let mut buf = BytesMut::with_capacity(small);
-                let first = match tr.try_read_buf(&mut buf) {
+                let first = match read_now(&mut tr, &mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -154,7 +156,7 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
                     turn = backlog.turn().await;
                     backlog.wait_room().await;
                     buf.reserve(window.min(SPLICE_BUFFER_SIZE) - first);
-                    match tr.try_read_buf(&mut buf) {
+                    match read_now(&mut tr, &mut buf) {
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         // EOF and errors show again on the next read; first send what we have.
@@ -191,6 +193,19 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
         Some(e) if e.get_ref().is_some_and(|i| i.is::<Stalled>()) => End::Stalled(input.backlog()),
         Some(e) => End::Error(e),
         None => End::Normal,
+    }
+}
+
+/// One read of what the target has sent, without waiting: like `try_read_buf`, but through
+/// tokio's `poll_read`, which marks the socket drained when a read comes back short. After a
+/// reply the next `readable()` then waits at once, where `try_read_buf` would leave the socket
+/// marked ready and the loop would make a read that can only fail with `WouldBlock`, between
+/// the reply's hand-over and the session's send of it.
+fn read_now(tr: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
+    let read = std::pin::pin!(tr.read_buf(buf));
+    match read.poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 
