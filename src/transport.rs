@@ -442,6 +442,38 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(500));
     }
 
+    /// Point 2: a small read re-arms `TCP_QUICKACK`, from the acker task, so not before the
+    /// reading task yields (a channel task woken by the packet would write to its target
+    /// first), and every time.
+    #[tokio::test]
+    async fn a_small_read_re_arms_quickack_once_the_reader_yields() {
+        let (mut t, mut peer) = pair().await;
+        // The same socket, through a descriptor of the test's own.
+        let sock = socket2::SockRef::from(&t.tcp).try_clone().unwrap();
+        for round in 0..3u8 {
+            // The kernel's delayed-ACK ("ping-pong") mode, as after any exchange.
+            sock.set_tcp_quickack(false).unwrap();
+            assert!(!sock.tcp_quickack().unwrap());
+            let started = Instant::now();
+            peer.write_all(&[round; 100]).await.unwrap();
+            read_exactly(&mut t, 100).await;
+            // The kernel leaves that mode by itself when a delayed ACK times out (40 ms at
+            // least): only a check made well before then can tell the acker's work apart.
+            let early = started.elapsed() < Duration::from_millis(20);
+            if early {
+                assert!(
+                    !sock.tcp_quickack().unwrap(),
+                    "round {round}: re-armed in the read's own path"
+                );
+            }
+            tokio::task::yield_now().await;
+            assert!(
+                sock.tcp_quickack().unwrap(),
+                "round {round}: not re-armed after the reader yielded"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn small_messages_never_coalesce() {
         let (mut t, mut peer) = pair().await;
