@@ -642,12 +642,12 @@ async fn move_100_mib(listen: u16, seed: u64) {
 
 /// Two bulk downloads with a ping-pong beside them: while replies flow, what the agent has
 /// sent towards the server and the server has not yet passed on (the `in_flight_bytes`
-/// gauge) stays within the session's budget: 512 KiB, plus the 128 KiB any channel may always
+/// gauge) stays within the session's budget (`FLIGHT_BUDGET_MIN`), plus the 128 KiB any channel may always
 /// have in flight, plus a packet for each channel and the pings themselves, where the
 /// channels' windows alone allow 2 MiB each; and every byte of the downloads arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_wait_behind_a_bounded_amount_of_bulk_data() {
-    const BUDGET: f64 = 512.0 * 1024.0;
+    const BUDGET: f64 = secoda_agent::constants::FLIGHT_BUDGET_MIN as f64;
     const FREE: f64 = 128.0 * 1024.0;
     const PACKET: f64 = 32.0 * 1024.0;
     let sshd = Sshd::start();
