@@ -642,14 +642,16 @@ async fn move_100_mib(listen: u16, seed: u64) {
 
 /// Two bulk downloads with a ping-pong beside them: while replies flow, what the agent has
 /// sent towards the server and the server has not yet passed on (the `in_flight_bytes`
-/// gauge) stays within the session's budget (`FLIGHT_BUDGET_MIN`), plus the 128 KiB any channel may always
-/// have in flight, plus a packet for each channel and the pings themselves, where the
-/// channels' windows alone allow 2 MiB each; and every byte of the downloads arrives.
+/// gauge) stays within the session's budget (`FLIGHT_BUDGET_MIN`), plus what any channel may
+/// always have in flight (`FLIGHT_FREE`), plus a read (`SPLICE_BUFFER_SIZE`) for each channel
+/// and the pings themselves, where the channels' windows alone allow 2 MiB each; and every
+/// byte of the downloads arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_wait_behind_a_bounded_amount_of_bulk_data() {
-    const BUDGET: f64 = secoda_agent::constants::FLIGHT_BUDGET_MIN as f64;
-    const FREE: f64 = 128.0 * 1024.0;
-    const PACKET: f64 = 32.0 * 1024.0;
+    use secoda_agent::constants::{FLIGHT_BUDGET_MIN, FLIGHT_FREE, SPLICE_BUFFER_SIZE};
+    const BUDGET: f64 = FLIGHT_BUDGET_MIN as f64;
+    const FREE: f64 = FLIGHT_FREE as f64;
+    const PACKET: f64 = SPLICE_BUFFER_SIZE as f64;
     let sshd = Sshd::start();
     let listen = free_port();
     let mport = free_port();
