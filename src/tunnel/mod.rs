@@ -119,10 +119,13 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
                 // to the server itself. Through a proxy the kernel sees only the proxy's,
                 // which may be far shorter than the server's: there the forward request's
                 // own, which is longer than the path's (never a budget too small for it).
-                let kernel = socket.as_ref().and_then(sys::tcp_round_trip);
+                let kernel = match t.proxy {
+                    None => socket.as_ref().and_then(sys::tcp_round_trip),
+                    Some(_) => None,
+                };
                 let (rtt, from) = match kernel {
-                    Some(rtt) if t.proxy.is_none() => (rtt, "the kernel's"),
-                    _ => (asked.elapsed(), "the forward request's"),
+                    Some(rtt) => (rtt, "the kernel's"),
+                    None => (asked.elapsed(), "the forward request's"),
                 };
                 shared.flight.round_trip(rtt);
                 log::debug!("round trip to {server}: {rtt:?} ({from}); the budget for data in flight beside replies follows from it");
