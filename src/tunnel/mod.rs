@@ -69,7 +69,12 @@ async fn probe(
 pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
     let server = t.route();
     let tcp = open_tcp(t).await?;
-    let socket = tcp.as_fd().try_clone_to_owned().ok();
+    // For the kernel's round trip, read after the forward request (below). Through a proxy
+    // the kernel times the proxy, not the server: nothing to read there.
+    let socket = match t.proxy {
+        None => tcp.as_fd().try_clone_to_owned().ok(),
+        Some(_) => None,
+    };
     tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
         server: server.clone(),
         via: String::new(),
@@ -119,11 +124,7 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
                 // to the server itself. Through a proxy the kernel sees only the proxy's,
                 // which may be far shorter than the server's: there the forward request's
                 // own, which is longer than the path's (never a budget too small for it).
-                let kernel = match t.proxy {
-                    None => socket.as_ref().and_then(sys::tcp_round_trip),
-                    Some(_) => None,
-                };
-                let (rtt, from) = match kernel {
+                let (rtt, from) = match socket.as_ref().and_then(sys::tcp_round_trip) {
                     Some(rtt) => (rtt, "the kernel's"),
                     None => (asked.elapsed(), "the forward request's"),
                 };
