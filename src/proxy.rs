@@ -70,10 +70,12 @@ pub fn host_port(host: &str, port: u16) -> String {
 }
 
 /// The URL with any user and password replaced, for messages about a value that did not parse.
+/// Everything before the last `@` of the whole URL goes: a value that did not parse may hold a
+/// password with an unescaped `/`, `?` or `#`, so where its authority ends cannot be trusted
+/// (at worst a path's `@` hides the host too).
 pub fn redact(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) if scheme.is_empty() => format!("****@{}", &rest[at + 1..]),
         Some(at) => format!("{scheme}://****@{}", &rest[at + 1..]),
         None => url.to_string(),
@@ -491,10 +493,17 @@ mod tests {
             ("http://u:hunter2@proxy:3128/path", "no path"),
             ("http://u:hunter2%zz@proxy:3128", "percent-encoded"),
             ("http://:hunter2@proxy:3128", "user name is empty"),
+            // Characters that end an authority in a well-formed URL, inside the password: the
+            // URL is malformed, and its message must still mask all of it before the last @.
+            ("http://u:hun/ter2@proxy:3128", "no path"),
+            ("http://u:hun?ter2@proxy:3128", "no path"),
+            ("http://u:hun#ter2@proxy:3128", "no path"),
+            ("http://u:hunter2/@proxy", "no path"),
+            ("ftp://u:hun/ter2@proxy:21", "unknown proxy scheme"),
         ] {
             let e = Proxy::parse(url).unwrap_err();
             assert!(e.contains(says), "{url}: {e}");
-            assert!(!e.contains("hunter2"), "{url}: {e}");
+            assert!(!e.contains("hunter2") && !e.contains("hun"), "{url}: {e}");
         }
     }
 }
