@@ -39,6 +39,11 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SPILL_SHRINK_AT: u64 = 64 * 1024 * 1024;
 /// How long open channels may drain on stop or when a session is retired.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The packaged units' `TimeoutStopSec=`: systemd sends SIGKILL this long after SIGTERM.
+pub const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a stop needs beside the drain (the forward's cancel, the disconnect, exit): a
+/// `shutdown_timeout` longer than `UNIT_STOP_TIMEOUT` less this is warned about.
+pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// At start, READY=1 waits for the tunnel at most this long: `systemctl start` (and so a
 /// package upgrade's restart, or `enable --now`) returns once the tunnel is up, or after this

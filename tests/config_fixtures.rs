@@ -1,8 +1,8 @@
 //! Configuration cases as files (`tests/config-fixtures/NAME.toml`, an optional `NAME.env`,
 //! and `NAME.expect`), checked in process against `config::load`: each `error:` line of the
 //! expect file is part of exactly one reported error (` ... ` stands for any text between two
-//! parts), and there are no others; each
-//! `summary:` line is part of a valid configuration's `check-config` summary. The keys come
+//! parts), and there are no others; likewise each `warning:` line for a valid configuration's
+//! warnings; each `summary:` line is part of a valid configuration's `check-config` summary. The keys come
 //! from a systemd credential, so the cases need no key material. (tests/config.rs runs the
 //! binary end to end: exit codes, files and permissions, secrets.)
 
@@ -44,12 +44,23 @@ fn every_fixture_loads_as_its_expect_file_says() {
                 .map(|l| l.trim().to_string())
                 .collect()
         };
-        let (errors, summary) = (wanted("error:"), wanted("summary:"));
+        let (errors, warnings, summary) =
+            (wanted("error:"), wanted("warning:"), wanted("summary:"));
         match config::load(&sources) {
             Ok(cfg) => {
                 assert!(
                     errors.is_empty(),
                     "{name}: loaded, but {errors:?} were expected"
+                );
+                for want in &warnings {
+                    let hits = cfg.warnings.iter().filter(|w| matches(w, want)).count();
+                    assert_eq!(hits, 1, "{name}: {hits} warnings contain {want:?}");
+                }
+                assert_eq!(
+                    cfg.warnings.len(),
+                    warnings.len(),
+                    "{name}: other warnings too: {:?}",
+                    cfg.warnings
                 );
                 let shown = cfg.summary();
                 for s in &summary {

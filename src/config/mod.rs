@@ -159,6 +159,18 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
     let l = Layers::read(sources, &mut errors, &mut warnings);
     let tunnel = tunnel::settings(&l, &mut errors);
     let forward = forward(&l, &mut errors);
+    // systemd kills the agent TimeoutStopSec after asking it to stop; a drain longer than that
+    // is cut mid-way. A warning, not an error: a drop-in may have raised the unit's timeout.
+    if forward.shutdown_timeout + STOP_MARGIN > UNIT_STOP_TIMEOUT {
+        let stop = UNIT_STOP_TIMEOUT.as_secs();
+        warnings.push(format!(
+            "{}: {:?} does not fit the packaged unit, whose TimeoutStopSec={stop}s kills the agent {stop}s after asking it to stop, cutting the drain: set at most {}s, or raise TimeoutStopSec to at least {}s (systemctl edit secoda-agent)",
+            l.toml_at("forward", "shutdown_timeout"),
+            forward.shutdown_timeout,
+            (UNIT_STOP_TIMEOUT - STOP_MARGIN).as_secs(),
+            (forward.shutdown_timeout + STOP_MARGIN).as_secs_f64().ceil() as u64,
+        ));
+    }
     let (toml_name, env_name, raw) = (&l.toml_name, &l.env_name, &l.raw);
     let toml_at = |section: &str, key: &str| l.toml_at(section, key);
 
@@ -429,5 +441,21 @@ mod tests {
         assert!(text.contains("SSH_TYPO is not a setting"), "{text}");
         assert!(text.contains("1 lines set something"), "{text}");
         assert!(!text.contains("b3BlbnNzaC1"), "{text}");
+    }
+
+    /// The shutdown_timeout warning reasons from the packaged units' stop timeout.
+    #[test]
+    fn the_units_stop_timeout_is_the_one_the_warning_names() {
+        let want = format!("TimeoutStopSec={}s", UNIT_STOP_TIMEOUT.as_secs());
+        for unit in [
+            include_str!("../../systemd/secoda-agent.service"),
+            include_str!("../../systemd/secoda-agent@.service"),
+        ] {
+            let lines: Vec<&str> = unit
+                .lines()
+                .filter(|l| l.starts_with("TimeoutStopSec="))
+                .collect();
+            assert_eq!(lines, [want.as_str()]);
+        }
     }
 }
