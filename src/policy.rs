@@ -3,7 +3,7 @@
 //! it is about to connect to (a name cannot smuggle a denied address).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// One `allow`/`deny` entry: a network or a host name pattern, optionally limited to ports.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,9 @@ enum Target {
 pub struct Policy {
     allow: Vec<Rule>,
     deny: Vec<Rule>,
+    /// The agent's own TCP listeners (`[metrics] listen`): never a target, whatever `allow`
+    /// says, so Secoda's side cannot reach them through the tunnel.
+    own: Vec<SocketAddr>,
 }
 
 /// Why a destination was refused.
@@ -36,6 +39,8 @@ pub enum Denial {
     NotAllowed,
     /// Link-local or a cloud metadata address (see [`is_protected`]).
     Protected,
+    /// One of the agent's own listeners.
+    Own(SocketAddr),
 }
 
 impl fmt::Display for Denial {
@@ -46,6 +51,10 @@ impl fmt::Display for Denial {
             Denial::Protected => write!(
                 f,
                 "link-local and cloud metadata addresses are denied unless a [forward] allow entry names the address or its network"
+            ),
+            Denial::Own(listen) => write!(
+                f,
+                "is the agent's own listener ([metrics] listen = \"{listen}\"), never a target"
             ),
         }
     }
@@ -69,7 +78,11 @@ impl Policy {
         let allow = parse_all("allow", allow);
         let deny = parse_all("deny", deny);
         if errors.is_empty() {
-            Ok(Policy { allow, deny })
+            Ok(Policy {
+                allow,
+                deny,
+                own: Vec::new(),
+            })
         } else {
             Err(errors)
         }
@@ -89,8 +102,18 @@ impl Policy {
             .collect()
     }
 
+    /// Refuse the agent's own listeners as targets (see [`Denial::Own`]).
+    pub fn with_own_listeners(mut self, own: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.own = own.into_iter().collect();
+        self
+    }
+
     /// Decide for a connection to `ip:port`, asked for as `name` (None when the request
     /// carried an address).
+    ///
+    /// An IPv6 address that carries an IPv4 address (mapped, NAT64, IPv4-compatible, 6to4) may
+    /// reach that IPv4 host, so both are judged: a deny or protection of either refuses, an
+    /// allow of either admits.
     pub fn check(&self, name: Option<&str>, ip: IpAddr, port: u16) -> Result<(), Denial> {
         // 0.0.0.0 and :: connect to this host: judge them as the loopback address they reach.
         let ip = match ip.to_canonical() {
@@ -98,27 +121,79 @@ impl Policy {
             IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             other => other,
         };
+        let forms: Vec<IpAddr> = match ip {
+            IpAddr::V6(v6) => std::iter::once(ip)
+                .chain(embedded_v4(v6).map(IpAddr::V4))
+                .collect(),
+            IpAddr::V4(_) => vec![ip],
+        };
+        if let Some(own) = self.own.iter().find(|l| is_listener(l, ip, port)) {
+            return Err(Denial::Own(*own));
+        }
         let name = name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
-        let hit = |r: &&Rule| r.matches(name.as_deref(), ip, port);
-        if let Some(rule) = self.deny.iter().find(hit) {
-            return Err(Denial::DeniedBy(rule.text.clone()));
+        let hit = |r: &Rule, ip: IpAddr| r.matches(name.as_deref(), ip, port);
+        for &ip in &forms {
+            if let Some(rule) = self.deny.iter().find(|r| hit(r, ip)) {
+                return Err(Denial::DeniedBy(rule.text.clone()));
+            }
+            // A name may resolve anywhere, so only an address or network in `allow` opens a
+            // protected address.
+            if is_protected(ip)
+                && !self
+                    .allow
+                    .iter()
+                    .any(|r| matches!(r.target, Target::Net { .. }) && hit(r, ip))
+            {
+                return Err(Denial::Protected);
+            }
         }
-        // A name may resolve anywhere, so only an address or network in `allow` opens a
-        // protected address.
-        if is_protected(ip)
-            && !self
-                .allow
+        if self.allow.is_empty()
+            || forms
                 .iter()
-                .any(|r| matches!(r.target, Target::Net { .. }) && hit(&r))
+                .any(|&ip| self.allow.iter().any(|r| hit(r, ip)))
         {
-            return Err(Denial::Protected);
-        }
-        if self.allow.is_empty() || self.allow.iter().any(|r| hit(&r)) {
             Ok(())
         } else {
             Err(Denial::NotAllowed)
         }
     }
+}
+
+/// The IPv4 address an IPv6 address carries where a translator or tunnel would deliver to
+/// it: NAT64's well-known prefix 64:ff9b::/96 (RFC 6052, also what DNS64 synthesises),
+/// IPv4-translated ::ffff:0:0/96 (SIIT), IPv4-compatible ::/96 (deprecated, but routed by some
+/// stacks) and 6to4 2002::/16. A NAT64 prefix of the network's own choosing cannot be known
+/// here: deny it as an IPv6 network. (IPv4-mapped addresses were already made IPv4.)
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let low = || Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7]));
+    match s {
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(low()),
+        [0, 0, 0, 0, 0xffff, 0, _, _] => Some(low()),
+        // :: and ::1 are not IPv4-compatible addresses.
+        [0, 0, 0, 0, 0, 0, hi, _] if hi != 0 => Some(low()),
+        [0x2002, a, b, ..] => Some(Ipv4Addr::from((u32::from(a) << 16) | u32::from(b))),
+        _ => None,
+    }
+}
+
+/// Whether a connection to `ip:port` would reach `listener`: its own address, or, for one
+/// bound to the unspecified address, any address of this host.
+fn is_listener(listener: &SocketAddr, ip: IpAddr, port: u16) -> bool {
+    if listener.port() != port {
+        return false;
+    }
+    let own = listener.ip().to_canonical();
+    if own == ip {
+        return true;
+    }
+    own.is_unspecified() && (ip.is_loopback() || is_local_address(ip))
+}
+
+/// Whether `ip` is an address of this host: only those can be bound. Asked only for a
+/// connection to the port of a listener on the unspecified address.
+fn is_local_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 impl fmt::Display for Policy {
@@ -435,5 +510,73 @@ mod tests {
             Err(Denial::DeniedBy(_))
         ));
         assert_eq!(pol.check(None, ip("10.0.0.1"), 22), Ok(()));
+    }
+
+    /// NAT64 (and DNS64's answers), IPv4-translated, IPv4-compatible and 6to4 forms of an
+    /// address reach that IPv4 address: each is judged as it too.
+    #[test]
+    fn ipv6_forms_of_an_ipv4_address_are_judged_as_it() {
+        let metadata = [
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::169.254.169.254",
+            "::ffff:0:a9fe:a9fe",
+            "::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "64:ff9b::6464:64c8",
+        ];
+        for addr in metadata {
+            assert_eq!(
+                Policy::default().check(None, ip(addr), 80),
+                Err(Denial::Protected),
+                "{addr}"
+            );
+        }
+        let pol = p(&[], &["10.0.0.0/8"]);
+        for addr in [
+            "64:ff9b::a00:5",
+            "::ffff:0:a00:5",
+            "::a00:5",
+            "2002:a00:5::",
+        ] {
+            assert!(
+                matches!(pol.check(None, ip(addr), 5432), Err(Denial::DeniedBy(_))),
+                "{addr}"
+            );
+        }
+        // Other IPv6 addresses carry none, and :: and ::1 are not IPv4-compatible.
+        assert_eq!(pol.check(None, ip("2001:db8::a00:5"), 5432), Ok(()));
+        assert_eq!(pol.check(None, ip("64:ff9b:1::a00:5"), 5432), Ok(()));
+        assert_eq!(pol.check(None, ip("::1"), 5432), Ok(()));
+        // An allowed IPv4 network admits its NAT64 form.
+        let allow = p(&["192.0.2.0/24"], &[]);
+        assert_eq!(allow.check(None, ip("64:ff9b::c000:207"), 443), Ok(()));
+        assert_eq!(
+            allow.check(None, ip("64:ff9b::c633:6407"), 443),
+            Err(Denial::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn the_agents_own_listeners_are_never_targets() {
+        let on_loopback =
+            p(&["127.0.0.0/8"], &[]).with_own_listeners(["127.0.0.1:9810".parse().unwrap()]);
+        for addr in ["127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0"] {
+            assert!(
+                matches!(on_loopback.check(None, ip(addr), 9810), Err(Denial::Own(_))),
+                "{addr}"
+            );
+        }
+        assert_eq!(on_loopback.check(None, ip("127.0.0.1"), 9811), Ok(()));
+        let everywhere = Policy::default().with_own_listeners(["[::]:9810".parse().unwrap()]);
+        for addr in ["127.0.0.2", "::1", "::"] {
+            assert!(
+                matches!(everywhere.check(None, ip(addr), 9810), Err(Denial::Own(_))),
+                "{addr}"
+            );
+        }
+        // Another host's port of the same number is not the agent's.
+        assert_eq!(everywhere.check(None, ip("192.0.2.1"), 9810), Ok(()));
+        let e = everywhere.check(None, ip("::1"), 9810).unwrap_err();
+        assert!(e.to_string().contains("[metrics] listen"), "{e}");
     }
 }

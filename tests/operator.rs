@@ -136,6 +136,11 @@ async fn metrics_count_channels_by_outcome_and_bytes() {
         2,
         "denied by default"
     );
+    // The agent's own metrics endpoint is no target for Secoda's side, by any address that
+    // reaches it.
+    for own in ["127.0.0.1", "0.0.0.0"] {
+        assert_eq!(socks5(listen, own, mport).await.0, 2, "{own}:{mport}");
+    }
 
     let (head, body) = scrape(mport, "/metrics").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -158,7 +163,7 @@ async fn metrics_count_channels_by_outcome_and_bytes() {
     );
     assert_eq!(
         get("secoda_agent_channels_opened_total{outcome=\"denied\"}"),
-        1.0
+        3.0
     );
     assert_eq!(
         get("secoda_agent_bytes_total{direction=\"to_target\"}"),
@@ -168,7 +173,7 @@ async fn metrics_count_channels_by_outcome_and_bytes() {
         get("secoda_agent_bytes_total{direction=\"from_target\"}"),
         100_000.0
     );
-    assert_eq!(get("secoda_agent_socks_handshake_seconds_count"), 3.0);
+    assert_eq!(get("secoda_agent_socks_handshake_seconds_count"), 5.0);
     assert_eq!(get("secoda_agent_target_connect_seconds_count"), 1.0);
     assert_eq!(
         get("secoda_agent_target_connect_seconds_bucket{le=\"+Inf\"}"),

@@ -158,7 +158,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
     let mut warnings = Vec::new();
     let l = Layers::read(sources, &mut errors, &mut warnings);
     let tunnel = tunnel::settings(&l, &mut errors);
-    let forward = forward(&l, &mut errors);
+    let mut forward = forward(&l, &mut errors);
     // systemd kills the agent TimeoutStopSec after asking it to stop; a drain longer than that
     // is cut mid-way. A warning, not an error: a drop-in may have raised the unit's timeout.
     if forward.shutdown_timeout + STOP_MARGIN > UNIT_STOP_TIMEOUT {
@@ -192,6 +192,8 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             })
             .ok()
     });
+
+    forward.policy = forward.policy.with_own_listeners(metrics_listen);
 
     if l.origin.is_empty() && errors.is_empty() {
         errors.push(format!(
