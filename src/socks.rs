@@ -70,6 +70,10 @@ pub enum HandshakeError {
     UnsupportedAddressType(u8),
     #[error("malformed SOCKS request: {0}")]
     Malformed(&'static str),
+    /// The name as asked for, escaped: it came from the other side and goes into logs and
+    /// `status`, so no control character of it is ever written raw.
+    #[error("SOCKS request for \"{0}\", which is not a host name (letters, digits, '-', '_' and '.', labels of at most 63 bytes) nor an IP address")]
+    InvalidHostName(String),
 }
 
 impl HandshakeError {
@@ -78,6 +82,7 @@ impl HandshakeError {
         match self {
             HandshakeError::UnsupportedCommand(_) => Some(Reply::CommandNotSupported),
             HandshakeError::UnsupportedAddressType(_) => Some(Reply::AddressTypeNotSupported),
+            HandshakeError::InvalidHostName(_) => Some(Reply::HostUnreachable),
             _ => None,
         }
     }
@@ -111,12 +116,13 @@ where
     // SOCKS4a: 0.0.0.x with x != 0 means "a host name follows".
     let host = if ip[..3] == [0, 0, 0] && ip[3] != 0 {
         let name = read_nul_terminated(stream).await?;
-        let name = String::from_utf8(name)
-            .map_err(|_| HandshakeError::Malformed("host name is not UTF-8"))?;
-        if name.is_empty() {
-            return Err(HandshakeError::Malformed("empty host name"));
+        match host_name(name) {
+            Ok(name) => name,
+            Err(e) => {
+                write_v4_reply(stream, false).await?;
+                return Err(e);
+            }
         }
-        Host::Name(name)
     } else {
         Host::Ip(IpAddr::V4(Ipv4Addr::from(ip)))
     };
@@ -150,23 +156,19 @@ where
         1 => {
             let mut a = [0u8; 4];
             stream.read_exact(&mut a).await?;
-            Host::Ip(IpAddr::V4(Ipv4Addr::from(a)))
+            Ok(Host::Ip(IpAddr::V4(Ipv4Addr::from(a))))
         }
         3 => {
             let len = stream.read_u8().await? as usize;
             let mut name = vec![0u8; len];
             stream.read_exact(&mut name).await?;
-            let name = String::from_utf8(name)
-                .map_err(|_| HandshakeError::Malformed("host name is not UTF-8"))?;
-            if name.is_empty() {
-                return Err(HandshakeError::Malformed("empty host name"));
-            }
-            Host::Name(name)
+            // Judged once the request is complete, so the reply comes after all of it.
+            Err(name)
         }
         4 => {
             let mut a = [0u8; 16];
             stream.read_exact(&mut a).await?;
-            Host::Ip(IpAddr::V6(Ipv6Addr::from(a)))
+            Ok(Host::Ip(IpAddr::V6(Ipv6Addr::from(a))))
         }
         other => {
             write_v5_reply(stream, Reply::AddressTypeNotSupported, None).await?;
@@ -178,11 +180,44 @@ where
         write_v5_reply(stream, Reply::CommandNotSupported, None).await?;
         return Err(HandshakeError::UnsupportedCommand(cmd));
     }
+    let host = match host.or_else(host_name) {
+        Ok(host) => host,
+        Err(e) => {
+            write_v5_reply(stream, Reply::HostUnreachable, None).await?;
+            return Err(e);
+        }
+    };
     Ok(Request {
         version: Version::V5,
         host,
         port,
     })
+}
+
+/// A name as asked for, if it can be one: a DNS host name (letters, digits, `-`, `_`, labels
+/// of 1 to 63 bytes, at most 253 bytes, an optional final dot) or an IP address written out.
+/// Anything else (control characters, spaces, non-ASCII, empty labels) is refused before any
+/// lookup: no resolver would find it, and it would reach the logs as it came.
+fn host_name(name: Vec<u8>) -> Result<Host, HandshakeError> {
+    let text = std::str::from_utf8(&name).ok();
+    if let Some(ip) = text.and_then(|t| t.parse::<IpAddr>().ok()) {
+        return Ok(Host::Ip(ip));
+    }
+    let body = name.strip_suffix(b".").unwrap_or(&name);
+    let valid = !body.is_empty()
+        && body.len() <= 253
+        && body.split(|&b| b == b'.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    match text {
+        Some(t) if valid => Ok(Host::Name(t.to_string())),
+        _ => Err(HandshakeError::InvalidHostName(
+            name.escape_ascii().to_string(),
+        )),
+    }
 }
 
 async fn read_nul_terminated<S: AsyncRead + Unpin>(
@@ -306,6 +341,76 @@ mod tests {
         let (r, out) = serve(b"\x04\x02\x00\x50\x0a\x00\x00\x01\x00").await;
         assert!(matches!(r, Err(HandshakeError::UnsupportedCommand(2))));
         assert_eq!(out, [0, 0x5b, 0, 0, 0, 0, 0, 0]);
+    }
+
+    /// A name that cannot be a host name is answered "host unreachable" (SOCKS4: rejected),
+    /// and the error shows it escaped: it goes into logs and `status`.
+    #[tokio::test]
+    async fn names_that_are_not_host_names_are_refused_and_escaped() {
+        let bad: [&[u8]; 8] = [
+            b"db\ninfo: forged line",
+            b"\x1b[2Jdb",
+            b"db internal",
+            b"caf\xc3\xa9.internal",
+            b"\xff\xfe",
+            b"a..b",
+            b".",
+            b"",
+        ];
+        for name in bad {
+            let mut v5 = b"\x05\x01\x00\x05\x01\x00\x03".to_vec();
+            v5.push(name.len() as u8);
+            v5.extend_from_slice(name);
+            v5.extend_from_slice(&[0, 80]);
+            let (r, out) = serve(&v5).await;
+            let e = r.unwrap_err();
+            assert!(
+                matches!(e, HandshakeError::InvalidHostName(_)),
+                "{name:?}: {e}"
+            );
+            assert_eq!(e.reply_sent(), Some(Reply::HostUnreachable));
+            assert_eq!(out[2..4], [5, 4], "{name:?}");
+            let text = e.to_string();
+            assert!(text.chars().all(|c| !c.is_control()), "{text:?}");
+
+            let mut v4 = b"\x04\x01\x00\x50\x00\x00\x00\x01\x00".to_vec();
+            v4.extend_from_slice(name);
+            v4.push(0);
+            let (r, out) = serve(&v4).await;
+            if name.is_empty() {
+                // 0.0.0.1 with an empty name: still a SOCKS4a request for no name.
+                assert!(r.is_err());
+            } else {
+                assert!(
+                    matches!(r, Err(HandshakeError::InvalidHostName(_))),
+                    "{name:?}"
+                );
+            }
+            assert_eq!(out, [0, 0x5b, 0, 0, 0, 0, 0, 0], "{name:?}");
+        }
+        let (r, _) = serve(b"\x05\x01\x00\x05\x01\x00\x03\x05a\nb\x1bc\x00\x50").await;
+        assert!(r.unwrap_err().to_string().contains("a\\nb\\x1bc"));
+
+        // Names that are host names, and addresses written as names.
+        for (name, host) in [
+            (
+                "db-1.internal_zone.",
+                Host::Name("db-1.internal_zone.".into()),
+            ),
+            ("10.0.0.1", Host::Ip("10.0.0.1".parse().unwrap())),
+            ("fd00::1", Host::Ip("fd00::1".parse().unwrap())),
+        ] {
+            let mut v5 = b"\x05\x01\x00\x05\x01\x00\x03".to_vec();
+            v5.push(name.len() as u8);
+            v5.extend_from_slice(name.as_bytes());
+            v5.extend_from_slice(&[0, 80]);
+            assert_eq!(serve(&v5).await.0.unwrap().host, host, "{name}");
+        }
+        let long_label = "a".repeat(64);
+        let mut v5 = b"\x05\x01\x00\x05\x01\x00\x03\x40".to_vec();
+        v5.extend_from_slice(long_label.as_bytes());
+        v5.extend_from_slice(&[0, 80]);
+        assert!(serve(&v5).await.0.is_err(), "a 64-byte label");
     }
 
     #[tokio::test]

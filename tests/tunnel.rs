@@ -89,6 +89,27 @@ async fn failures_get_the_right_reply_codes() {
             .wait_output("link-local", Duration::from_secs(5))
             .await
     );
+    // A name that cannot be a host name (a forged log line, a terminal escape): host
+    // unreachable, no lookup, and the log shows it escaped, never raw.
+    let forged = "db\ninfo: forged\x1b[2J";
+    assert_eq!(socks5(listen, forged, 5432).await.0, 4, "bad name, SOCKS5");
+    assert_eq!(
+        socks4(listen, forged, 5432).await.0,
+        0x5b,
+        "bad name, SOCKS4a"
+    );
+    assert!(
+        agent
+            .wait_output_count("db\\ninfo: forged\\x1b[2J", 2, Duration::from_secs(5))
+            .await,
+        "{}",
+        agent.output()
+    );
+    assert!(
+        !agent.output().contains('\x1b'),
+        "a raw ESC reached the log"
+    );
+    assert!(!agent.output().contains("\ninfo: forged"), "a forged line");
     // The tunnel still serves after all that.
     let echo = echo_server().await;
     let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
