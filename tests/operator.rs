@@ -316,6 +316,34 @@ async fn doctor_passes_on_a_healthy_path_and_checks_allowed_targets() {
     assert_serves(listen).await;
 }
 
+/// With an IPv6 listen address, `status` writes it bracketed ("[::]:PORT"): doctor still
+/// recognises the running agent's port and leaves it alone.
+#[tokio::test]
+async fn doctor_recognises_the_running_agents_ipv6_listen_address() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let toml = sshd
+        .agent_toml(listen, "")
+        .replace("listen_address = \"127.0.0.1\"", "listen_address = \"::\"");
+    assert!(toml.contains("listen_address = \"::\""), "{toml}");
+    let agent = Agent::start(&toml);
+    agent.wait_ready().await;
+    assert_eq!(
+        json(&agent.status(&["--json"]).1)["listen"],
+        format!("[::]:{listen}")
+    );
+    let (code, text) = doctor(None, &toml, Some(&agent.status_socket()));
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        line_with(&text, "[ ok ] remote forward").contains("held by the running agent"),
+        "{text}"
+    );
+    // The server still listens there for the agent (sshd binds an IPv6 forward IPv6-only).
+    assert!(tokio::net::TcpStream::connect(("::1", listen))
+        .await
+        .is_ok());
+}
+
 #[tokio::test]
 async fn doctor_diagnoses_wrong_host_key_and_wrong_client_key() {
     let sshd = Sshd::start();

@@ -12,6 +12,7 @@ use super::{elapsed_ms, Report};
 use crate::config::fingerprint;
 use crate::config::{self, ClientKey, Config};
 use crate::constants::DOCTOR_STEP_TIMEOUT;
+use crate::proxy;
 use crate::telemetry::State;
 use crate::tunnel::{authenticate, open_tcp, ssh_config};
 
@@ -146,8 +147,8 @@ pub(super) async fn ssh(
         }
     }
 
-    let listen = format!("{}:{}", t.listen_address, t.listen_port);
-    let held = running.filter(|s| s.state == State::Up && s.listen == listen);
+    let listen = proxy::host_port(&t.listen_address, t.listen_port);
+    let held = running.filter(|s| s.state == State::Up && same_listen(&s.listen, &listen));
     if let Some(s) = held {
         r.ok(
             "remote forward",
@@ -190,4 +191,31 @@ pub(super) async fn ssh(
     let _ = handle
         .disconnect(russh::Disconnect::ByApplication, "doctor done", "")
         .await;
+}
+
+/// Whether the running agent's `listen` (from `status`) is the configured one: as addresses
+/// where both are ("[::]:10123" and "[0:0:0:0:0:0:0:0]:10123" are one), else as written.
+fn same_listen(running: &str, configured: &str) -> bool {
+    match (
+        running.parse::<std::net::SocketAddr>(),
+        configured.parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => running.eq_ignore_ascii_case(configured),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_listen;
+
+    #[test]
+    fn listen_addresses_compare_as_addresses() {
+        assert!(same_listen("[::]:10123", "[::]:10123"));
+        assert!(same_listen("[::]:10123", "[0:0:0:0:0:0:0:0]:10123"));
+        assert!(same_listen("0.0.0.0:10123", "0.0.0.0:10123"));
+        assert!(same_listen("Tunnel.Example:1", "tunnel.example:1"));
+        assert!(!same_listen("[::]:10123", "0.0.0.0:10123"));
+        assert!(!same_listen("[::]:10123", "[::]:10124"));
+    }
 }
