@@ -69,6 +69,12 @@ impl Backlog {
         self.turns.acquire().await.ok()
     }
 
+    /// Turns not taken now.
+    #[cfg(test)]
+    pub fn free_turns(&self) -> usize {
+        self.turns.available_permits()
+    }
+
     /// Wait until the transport has room for more output.
     pub async fn wait_room(&self) {
         loop {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use russh::client::Msg;
 use russh::ChannelWriteHalf;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -134,10 +134,17 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
                     SPLICE_BUFFER_SIZE
                 };
                 let mut buf = BytesMut::with_capacity(small);
-                let first = match read_now(&mut tr, &mut buf) {
+                let first = match read_now(&mut tr, &mut buf, small) {
                     Ok(0) => break,
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    // Either the socket was drained after all, or the task's cooperative
+                    // budget ran out: tokio's `readable()` does not count against the budget
+                    // but the read does, so without a yield the loop would spin on a ready
+                    // socket it may not read, and stop the worker thread (seen in a test).
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        tokio::task::coop::consume_budget().await;
+                        continue;
+                    }
                     // A reset after the client's EOF is how some servers end a session
                     // (PostgreSQL after Terminate, like any server closing with unread
                     // data): the exchange is over, so it ends the channel normally.
@@ -155,8 +162,13 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
                     // the rest of a packet (see `Backlog`).
                     turn = backlog.turn().await;
                     backlog.wait_room().await;
-                    buf.reserve(window.min(SPLICE_BUFFER_SIZE) - first);
-                    match read_now(&mut tr, &mut buf) {
+                    // Never more than the window: the send would then wait for the server's
+                    // adjust while holding the turn, and a few channels whose readers on
+                    // Secoda's side are slow would hold every turn. (`reserve` may allocate
+                    // more than asked; the read is limited, not the buffer.)
+                    let rest = window.min(SPLICE_BUFFER_SIZE) - first;
+                    buf.reserve(rest);
+                    match read_now(&mut tr, &mut buf, rest) {
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         // EOF and errors show again on the next read; first send what we have.
@@ -201,8 +213,10 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
 /// reply the next `readable()` then waits at once, where `try_read_buf` would leave the socket
 /// marked ready and the loop would make a read that can only fail with `WouldBlock`, between
 /// the reply's hand-over and the session's send of it.
-fn read_now(tr: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
-    let read = std::pin::pin!(tr.read_buf(buf));
+/// At most `max` bytes are read, whatever room `buf` has.
+fn read_now(tr: &mut OwnedReadHalf, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    let mut limited = buf.limit(max);
+    let read = std::pin::pin!(tr.read_buf(&mut limited));
     match read.poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(r) => r,
         Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
@@ -250,6 +264,7 @@ mod tests {
     use super::*;
     use crate::channel::inbox;
     use crate::config::ForwardConfig;
+    use crate::constants::SSH_OUTPUT_TURNS;
     use crate::session::Intake;
     use crate::telemetry::{Endpoints, Telemetry};
 
@@ -353,5 +368,120 @@ mod tests {
             b"reply after the server's EOF"
         );
         assert_eq!(counts.to_target.load(Ordering::Relaxed), 200_000);
+    }
+
+    /// A server window of 6 KiB, re-opened after each send: what russh does with a send
+    /// larger than the window is wait for the server's adjust, here forever.
+    struct SmallWindow {
+        window: usize,
+        got: Mutex<Vec<u8>>,
+        largest: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl ChannelOutput for SmallWindow {
+        async fn window(&self) -> usize {
+            self.window
+        }
+
+        async fn send(&self, data: Bytes) -> io::Result<()> {
+            self.largest.fetch_max(data.len(), Ordering::Relaxed);
+            if data.len() > self.window {
+                std::future::pending::<()>().await;
+            }
+            self.got.lock().unwrap().extend_from_slice(&data);
+            Ok(())
+        }
+    }
+
+    /// With between 4 and 8 KiB of window left, no read (and so no send) may exceed it:
+    /// a send that waits for the window holds its output turn, and with turns held that way
+    /// every channel's output stops. Run on a thread of its own, so that a splice that waits
+    /// for ever or spins fails the test rather than hanging it.
+    #[test]
+    fn no_send_exceeds_the_window_and_turns_come_back() {
+        const WINDOW: usize = 6 * 1024;
+        let largest = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let seen = largest.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _ = done_tx.send(rt.block_on(small_window_splice(WINDOW, seen)));
+        });
+        let done = done.recv_timeout(Duration::from_secs(20));
+        let largest = largest.load(Ordering::Relaxed);
+        assert!(
+            largest <= WINDOW,
+            "a send of {largest} bytes with a window of {WINDOW}"
+        );
+        let (end, got_all, free_turns) =
+            done.expect("the splice neither ended nor waited: it spun");
+        assert!(end, "the splice did not end normally");
+        assert!(got_all, "the target's bytes did not all arrive in order");
+        assert_eq!(free_turns, SSH_OUTPUT_TURNS);
+    }
+
+    /// 1 MB from the target through a small window: whether the splice ended normally with
+    /// every byte, and the output turns free afterwards.
+    async fn small_window_splice(
+        window: usize,
+        largest: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> (bool, bool, usize) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_side = TcpStream::connect(listener.local_addr().unwrap());
+        let (agent_side, accepted) = tokio::join!(agent_side, listener.accept());
+        let (mut target, _) = accepted.unwrap();
+        let (mut inbox, mut input) = inbox::inbox(
+            &settings(),
+            Arc::new(Intake::default()),
+            prometheus_client::metrics::gauge::Gauge::default(),
+        );
+        let telemetry = Telemetry::new(
+            None,
+            Endpoints {
+                server: "s:22".into(),
+                listen: "l:1".into(),
+                proxy: None,
+            },
+        );
+        let counts = telemetry.open_channel("t:1".into(), "o:1".into());
+        let output = SmallWindow {
+            window,
+            got: Mutex::default(),
+            largest,
+        };
+        let session = SessionShared::default();
+        let mut eof = tokio::io::sink();
+        inbox.eof();
+        let from_target: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let target_side = async {
+            target.write_all(&from_target).await.unwrap();
+            target.shutdown().await.unwrap();
+        };
+        let splicing = splice(
+            &mut input,
+            agent_side.unwrap(),
+            &output,
+            &mut eof,
+            &session,
+            &counts,
+            Duration::from_secs(60),
+        );
+        let (end, ()) = tokio::join!(
+            async {
+                let end = splicing.await;
+                drop(inbox);
+                end
+            },
+            target_side
+        );
+        let got_all = *output.got.lock().unwrap() == from_target;
+        (
+            matches!(end, End::Normal),
+            got_all,
+            session.backlog.free_turns(),
+        )
     }
 }
