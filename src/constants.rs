@@ -141,6 +141,8 @@ pub const SSH_SESSION_QUEUE: usize = 16;
 pub const TRANSPORT_BUFFER_KEEP: usize = 1024 * 1024;
 /// One read from the SSH socket takes up to this much (russh then reads it in small pieces).
 pub const SSH_READ_BUFFER: usize = 256 * 1024;
+// When the coalescing mark drops, what waits below it is read in one go (transport.rs).
+const _: () = assert!(SSH_READ_BUFFER >= COALESCE_BYTES);
 /// Bulk data from the server: after two reads of at least `COALESCE_AFTER_READ` bytes, the
 /// SSH socket wakes the agent only once `COALESCE_BYTES` are waiting, or after `COALESCE_WAIT`
 /// at the latest (see transport.rs).
