@@ -66,6 +66,13 @@ pub const SSH_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After both sides sent EOF, how long a channel waits for the server to close it before
 /// closing it itself.
 pub const CHANNEL_CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Target name lookups at once (lookup.rs); one per name, later requests share its answer.
+pub const TARGET_LOOKUPS_MAX: usize = 32;
+/// A target lookup unanswered this long (glibc's first retry is due after 5 s) stops
+/// counting towards `TARGET_LOOKUPS_MAX` ...
+pub const LOOKUP_STUCK_AFTER: Duration = Duration::from_secs(5);
+/// ... for up to this many such lookups at once.
+pub const TARGET_LOOKUPS_STUCK_MAX: usize = 64;
 /// A channel must finish its SOCKS request within this time.
 pub const SOCKS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the session is probed with a ping that must come back, to catch a session whose

@@ -15,6 +15,7 @@ pub mod count;
 pub mod doctor;
 pub mod error;
 pub mod logging;
+pub mod lookup;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

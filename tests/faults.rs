@@ -101,6 +101,93 @@ impl Drop for NetnsEtc {
     }
 }
 
+/// Threads of a process, from /proc.
+fn threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line[8..].trim().parse().unwrap()
+}
+
+/// Names whose DNS never answers (the only name server silent) must not hold up other
+/// names' lookups: with 700 requests for sixteen such names under way, a name in /etc/hosts
+/// is looked up and connected at once, and the resolver threads stay bounded (unbounded,
+/// they filled tokio's 512 and the good name waited for one).
+#[tokio::test]
+async fn names_whose_dns_never_answers_do_not_hold_up_other_names() {
+    let ns = NetNs::new("deaddns");
+    ns.run(&["ip", "addr", "add", "10.78.0.53/32", "dev", "lo"]);
+    let etc = NetnsEtc(std::path::PathBuf::from("/etc/netns").join(&ns.name));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(
+        etc.0.join("hosts"),
+        "127.0.0.1 localhost\n127.0.0.1 db.alive.test\n",
+    )
+    .unwrap();
+    std::fs::write(
+        etc.0.join("resolv.conf"),
+        "nameserver 10.78.0.53\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+
+    let sshd = Sshd::start_in(Some(&ns.name), "");
+    let listen = 10125;
+    let agent = Agent::start_in(
+        Some(&ns.name),
+        &sshd.agent_toml(listen, "[forward]\nconnect_timeout = \"60s\"\n"),
+        &[],
+        &[],
+    );
+    agent.wait_ready().await;
+    let pid = agent.child.id();
+    let threads_before = threads(pid);
+
+    let (code, waited, hung_answered, threads_during) = ns
+        .within(move || async move {
+            // The only name server: it takes every query and never answers (no ICMP error
+            // either, so the resolver waits its whole timeout).
+            let _silent = std::net::UdpSocket::bind("10.78.0.53:53").unwrap();
+            let echo = echo_server().await;
+            let mut hung = tokio::task::JoinSet::new();
+            for i in 0..700 {
+                hung.spawn(async move {
+                    socks5(listen, &format!("db{}.dead.test", i % 16), 5432)
+                        .await
+                        .0
+                });
+            }
+            // Time for the 700 requests to reach the agent and start their lookups.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let threads_during = threads(pid);
+            let started = Instant::now();
+            let (code, s) = socks5(listen, "db.alive.test", echo.port()).await;
+            let waited = started.elapsed();
+            if let Some(s) = s {
+                assert!(echo_roundtrip(s, b"alive").await);
+            }
+            let mut hung_answered = 0;
+            while let Some(Some(_)) = hung.try_join_next().map(Result::ok) {
+                hung_answered += 1;
+            }
+            hung.abort_all();
+            (code, waited, hung_answered, threads_during)
+        })
+        .join()
+        .unwrap();
+    assert!(
+        waited < Duration::from_secs(5),
+        "a name in /etc/hosts waited {waited:?} behind names whose DNS never answers"
+    );
+    assert!(
+        threads_during <= threads_before + 16 + 4,
+        "the agent ran {threads_during} threads (from {threads_before}) for 16 names"
+    );
+    assert_eq!(code, 0, "{}", tail(&agent.output(), 20));
+    assert_eq!(
+        hung_answered, 0,
+        "the dead names were answered: no hung resolver"
+    );
+}
+
 /// A database name with two addresses, the first one black-holed (a stale DNS entry): the
 /// agent must try the second after a moment (RFC 8305), not spend the whole connect_timeout
 /// on the first and give up.

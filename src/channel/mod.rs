@@ -23,6 +23,7 @@ use crate::config::ForwardConfig;
 use crate::connect;
 use crate::constants::{CHANNEL_CLOSE_WAIT, CONNECT_STAGGER, SOCKS_HANDSHAKE_TIMEOUT};
 use crate::count::OpenGuard;
+use crate::lookup;
 use crate::session::SessionShared;
 use crate::socks::{self, Host, Reply, Request};
 use crate::telemetry::Telemetry;
@@ -235,8 +236,8 @@ async fn connect_target(
         let (name, addrs): (Option<&str>, Vec<SocketAddr>) = match &req.host {
             Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, req.port)]),
             Host::Name(n) => {
-                // The caller's connect_timeout bounds the lookup too.
-                let addrs = connect::resolve_unbounded(n, req.port).await.map_err(|e| {
+                // The caller's connect_timeout bounds the wait for the lookup too.
+                let addrs = lookup::resolve_target(n, req.port).await.map_err(|e| {
                     (
                         Reply::HostUnreachable,
                         format!("name {n} not resolved: {e}"),

@@ -78,6 +78,31 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Run `f` on a thread of its own inside the namespace, with a runtime of its own, so
+    /// that the sockets it makes (SOCKS clients, local services) belong to the namespace.
+    pub fn within<T, F, Fut>(&self, f: F) -> std::thread::JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: a valid descriptor of a network namespace; only this thread moves.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")

@@ -1,0 +1,192 @@
+//! Name lookups for targets, bounded so that names whose DNS never answers cannot hold up
+//! anyone else's.
+//!
+//! The system resolver (`getaddrinfo`) blocks a thread of tokio's blocking pool until it
+//! answers, which for a domain whose DNS never answers is 10-30 s, whatever our own timeout
+//! says: the thread cannot be taken back. Unbounded, 700 requests for such names filled the
+//! pool's 512 threads, and a request for a name in `/etc/hosts` waited 6.8 s for a thread
+//! (the tunnel's own lookups share that pool too). So, for targets:
+//! - one lookup per name at a time: later requests for the same name wait for its answer;
+//! - at most `TARGET_LOOKUPS_MAX` lookups at once, a request beyond that waiting its turn
+//!   within its own `connect_timeout`;
+//! - a lookup still unanswered after `LOOKUP_STUCK_AFTER` stops counting towards that, so
+//!   hung names do not keep the others waiting, up to `TARGET_LOOKUPS_STUCK_MAX` of them;
+//!   past that they keep counting, and the threads in all stay bounded by the sum.
+//!
+//! The tunnel's own lookups (the server, the proxy) go straight to the resolver, so they
+//! never wait here, and the pool always has room for them (512 threads against at most 96).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::connect::ResolveError;
+use crate::constants::{LOOKUP_STUCK_AFTER, TARGET_LOOKUPS_MAX, TARGET_LOOKUPS_STUCK_MAX};
+
+/// A lookup's result, shared by every request for the name (an `io::Error` is not `Clone`).
+type Answer = Result<Vec<IpAddr>, (io::ErrorKind, String)>;
+
+/// The lookups under way, by name.
+struct Lookups {
+    by_name: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
+    turns: Arc<Semaphore>,
+    stuck: AtomicUsize,
+    /// Lookups started, ever (what sharing saves shows here).
+    started: AtomicUsize,
+}
+
+static TARGETS: LazyLock<Arc<Lookups>> = LazyLock::new(|| Arc::new(Lookups::new()));
+
+/// `host`'s addresses for a target (an IP literal is its own). The caller bounds the time.
+pub async fn resolve_target(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+    TARGETS.resolve(host, port).await
+}
+
+impl Lookups {
+    fn new() -> Self {
+        Lookups {
+            by_name: Mutex::new(HashMap::new()),
+            turns: Arc::new(Semaphore::new(TARGET_LOOKUPS_MAX)),
+            stuck: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+        }
+    }
+
+    async fn resolve(
+        self: &Arc<Self>,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, ResolveError> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let mut answer = self.subscribe(&host.to_ascii_lowercase());
+        let answer = match answer.wait_for(Option::is_some).await {
+            Ok(a) => a.clone(),
+            // The lookup task ended without an answer: only when the runtime shuts down.
+            Err(_) => None,
+        };
+        match answer {
+            Some(Ok(ips)) if ips.is_empty() => Err(ResolveError::NoAddresses),
+            Some(Ok(ips)) => Ok(ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()),
+            Some(Err((kind, text))) => Err(ResolveError::Failed(io::Error::new(kind, text))),
+            None => Err(ResolveError::Failed(io::ErrorKind::Interrupted.into())),
+        }
+    }
+
+    /// The answer to come for `name`: the lookup under way, or a new one.
+    fn subscribe(self: &Arc<Self>, name: &str) -> watch::Receiver<Option<Answer>> {
+        let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = by_name.get(name) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        by_name.insert(name.to_string(), rx.clone());
+        tokio::spawn(self.clone().look_up(name.to_string(), tx));
+        rx
+    }
+
+    /// One lookup, on its own task: requests that time out leave it running, so that its
+    /// thread stays counted until the resolver answers.
+    async fn look_up(self: Arc<Self>, name: String, tx: watch::Sender<Option<Answer>>) {
+        let Ok(turn) = self.turns.clone().acquire_owned().await else {
+            return;
+        };
+        // Everyone who asked may have given up while it waited for a turn (the map holds
+        // one receiver of its own).
+        if tx.receiver_count() <= 1 {
+            self.finish(&name, &tx, None);
+            return;
+        }
+        self.started.fetch_add(1, Ordering::Relaxed);
+        let host = name.clone();
+        let mut blocking = tokio::task::spawn_blocking(move || {
+            (host.as_str(), 0)
+                .to_socket_addrs()
+                .map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>())
+                .map_err(|e| (e.kind(), e.to_string()))
+        });
+        let answer = tokio::select! {
+            done = &mut blocking => done,
+            _ = tokio::time::sleep(LOOKUP_STUCK_AFTER) => {
+                let set_aside = self
+                    .stuck
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < TARGET_LOOKUPS_STUCK_MAX).then_some(n + 1)
+                    })
+                    .is_ok();
+                if set_aside {
+                    log::debug!("the lookup of {name} has taken {LOOKUP_STUCK_AFTER:?}: it no longer holds up other names' lookups");
+                    drop(turn);
+                    let done = blocking.await;
+                    self.stuck.fetch_sub(1, Ordering::AcqRel);
+                    done
+                } else {
+                    let done = blocking.await;
+                    drop(turn);
+                    done
+                }
+            }
+        };
+        let answer = answer.unwrap_or_else(|e| Err((io::ErrorKind::Other, e.to_string())));
+        self.finish(&name, &tx, Some(answer));
+    }
+
+    /// The next request for the name starts a lookup of its own: answers are not cached here
+    /// (the system's resolver, or nscd, may cache them).
+    fn finish(&self, name: &str, tx: &watch::Sender<Option<Answer>>, answer: Option<Answer>) {
+        self.by_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(answer) = answer {
+            tx.send_replace(Some(answer));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn literals_and_local_names() {
+        let got = resolve_target("127.0.0.1", 80).await.unwrap();
+        assert_eq!(got, [SocketAddr::from(([127, 0, 0, 1], 80))]);
+        let got = resolve_target("fd00::1", 5432).await.unwrap();
+        assert_eq!(got[0].port(), 5432);
+        let got = resolve_target("localhost", 22).await.unwrap();
+        assert!(got.iter().all(|a| a.ip().is_loopback() && a.port() == 22));
+        assert!(resolve_target("no-such-host.invalid", 1).await.is_err());
+    }
+
+    /// Concurrent requests for one name (in any case) share one lookup, and every one of them
+    /// gets its answer; the lookup is gone from the table once answered.
+    #[tokio::test]
+    async fn concurrent_requests_for_a_name_share_its_lookup() {
+        let lookups = Arc::new(Lookups::new());
+        let mut requests = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            let (lookups, name) = (lookups.clone(), ["LocalHost", "localhost"][i % 2]);
+            requests.spawn(async move { lookups.resolve(name, 7).await });
+        }
+        while let Some(r) = requests.join_next().await {
+            assert!(r.unwrap().unwrap().iter().all(|a| a.port() == 7));
+        }
+        assert_eq!(lookups.started.load(Ordering::Relaxed), 1);
+        assert!(lookups.by_name.lock().unwrap().is_empty());
+        lookups.resolve("localhost", 7).await.unwrap();
+        assert_eq!(
+            lookups.started.load(Ordering::Relaxed),
+            2,
+            "an answer was cached"
+        );
+    }
+}
