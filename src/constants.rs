@@ -73,6 +73,9 @@ pub const TARGET_LOOKUPS_MAX: usize = 32;
 pub const LOOKUP_STUCK_AFTER: Duration = Duration::from_secs(5);
 /// ... for up to this many such lookups at once.
 pub const TARGET_LOOKUPS_STUCK_MAX: usize = 64;
+/// A retiring session's disconnect (sent, and the session's task ended) may take this long;
+/// then it is torn down regardless (tunnel/mod.rs).
+pub const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// A channel must finish its SOCKS request within this time.
 pub const SOCKS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the session is probed with a ping that must come back, to catch a session whose

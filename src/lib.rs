@@ -14,6 +14,8 @@ pub mod constants;
 pub mod count;
 pub mod doctor;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod logging;
 pub mod lookup;
 pub mod metrics;

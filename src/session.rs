@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio::sync::{watch, Notify, Semaphore, SemaphorePermit};
 
 use crate::channel::FlightControl;
 use crate::constants::{INTAKE_HIGH, INTAKE_PAUSE_MAX, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS};
@@ -24,6 +24,10 @@ pub struct SessionShared {
     pub channels: Arc<OpenCount>,
     /// The channels' data in flight towards the server (channel/flight.rs).
     pub flight: FlightControl,
+    /// Set when the session is torn down: every channel task still running ends at once,
+    /// closing its target connection. A session whose task is stuck never drops its
+    /// handler, so the channels' inputs would never close by themselves.
+    pub torn_down: watch::Sender<bool>,
 }
 
 impl Default for SessionShared {
@@ -35,7 +39,20 @@ impl Default for SessionShared {
             accepting: AtomicBool::new(true),
             channels: Arc::new(OpenCount::default()),
             flight: FlightControl::default(),
+            torn_down: watch::Sender::new(false),
         }
+    }
+}
+
+impl SessionShared {
+    /// End every channel task of the session (see `torn_down`).
+    pub fn tear_down(&self) {
+        self.torn_down.send_replace(true);
+    }
+
+    /// Resolves once the session is torn down.
+    pub async fn torn_down(&self) {
+        let _ = self.torn_down.subscribe().wait_for(|down| *down).await;
     }
 }
 

@@ -65,8 +65,27 @@ pub struct ChannelContext {
 }
 
 /// Run one channel to its end, with the settings its inbox was made with. `guard` is
-/// released when the channel is done.
+/// released when the channel is done, or when its session is torn down: then the channel
+/// ends at once, its target connection closed.
 pub async fn serve_channel(
+    input: ChannelInput,
+    channel: ChannelWriteHalf<Msg>,
+    fwd: Arc<Forwarder>,
+    settings: Arc<ForwardConfig>,
+    guard: OpenGuard,
+    origin: ChannelContext,
+) {
+    let session = origin.session.clone();
+    let originator = origin.originator.clone();
+    tokio::select! {
+        () = serve(input, channel, fwd, settings, guard, origin) => {}
+        () = session.torn_down() => log::info!(
+            originator = originator.as_str(), error_class = "session_torn_down";
+            "channel from {originator} cut: its SSH session was torn down"),
+    }
+}
+
+async fn serve(
     mut input: ChannelInput,
     channel: ChannelWriteHalf<Msg>,
     fwd: Arc<Forwarder>,

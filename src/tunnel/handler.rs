@@ -206,6 +206,8 @@ impl client::Handler for SessionHandler {
         data: &[u8],
         _: &mut client::Session,
     ) -> Result<(), Self::Error> {
+        #[cfg(feature = "fault-injection")]
+        crate::fault::wedge_if_asked().await;
         if let Some(inbox) = self.inboxes.get_mut(&channel) {
             if !inbox.push(data) {
                 self.inboxes.remove(&channel);

@@ -48,9 +48,11 @@ pub struct Session {
     probe_deadline: Option<tokio::time::Instant>,
     /// Bytes read from the server so far, and at the start of the current probe.
     received_at_probe: u64,
-    /// A second descriptor of the session's TCP socket, to shut the connection down when the
-    /// session is declared wedged: dropping russh's `Handle` does not end its session task
-    /// while channels hold senders to it, nor a task that is stuck.
+    /// A second descriptor of the session's TCP socket (to the server, or to the proxy), to
+    /// shut the connection down when the session is torn down: dropping russh's `Handle`
+    /// does not end its session task while channels hold senders to it, nor a task that is
+    /// stuck. Shut, the server (through a proxy: the proxy, then the server) sees the session
+    /// end and frees the listen port.
     socket: Option<OwnedFd>,
 }
 
@@ -69,12 +71,10 @@ async fn probe(
 pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
     let server = t.route();
     let tcp = open_tcp(t).await?;
-    // For the kernel's round trip, read after the forward request (below). Through a proxy
-    // the kernel times the proxy, not the server: nothing to read there.
-    let socket = match t.proxy {
-        None => tcp.as_fd().try_clone_to_owned().ok(),
-        Some(_) => None,
-    };
+    // Kept to tear the session down (see `Session::socket`), and for the kernel's round trip
+    // when the connection is direct (read after the forward request, below).
+    let socket = tcp.as_fd().try_clone_to_owned().ok();
+    let direct = t.proxy.is_none();
     tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
         server: server.clone(),
         via: String::new(),
@@ -124,7 +124,11 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
                 // to the server itself. Through a proxy the kernel sees only the proxy's,
                 // which may be far shorter than the server's: there the forward request's
                 // own, which is longer than the path's (never a budget too small for it).
-                let (rtt, from) = match socket.as_ref().and_then(sys::tcp_round_trip) {
+                let kernel = socket
+                    .as_ref()
+                    .filter(|_| direct)
+                    .and_then(sys::tcp_round_trip);
+                let (rtt, from) = match kernel {
                     Some(rtt) => (rtt, "the kernel's"),
                     None => (asked.elapsed(), "the forward request's"),
                 };
@@ -227,7 +231,9 @@ impl Session {
                     return r.unwrap_or(TunnelError::Lost { reason: "the session ended".into() });
                 }
                 _ = tokio::time::sleep_until(self.next_probe), if self.probe_deadline.is_none() => {
-                    self.probe_deadline = Some(tokio::time::Instant::now() + self.keepalive_window + LIVENESS_INTERVAL);
+                    // As long as the keepalives' own verdict: a wedged session is torn down
+                    // within the keepalive window and one probe interval.
+                    self.probe_deadline = Some(tokio::time::Instant::now() + self.keepalive_window);
                     self.received_at_probe = self.shared.received.load(Ordering::Relaxed);
                 }
                 r = probe(&self.handle, self.probe_deadline), if self.probe_deadline.is_some() => {
@@ -237,8 +243,8 @@ impl Session {
                     let progressed = self.shared.received.load(Ordering::Relaxed) != self.received_at_probe;
                     if r.is_err() && !progressed {
                         self.finished = true;
-                        self.shut_down_socket();
-                        return TunnelError::Wedged { window: self.keepalive_window + LIVENESS_INTERVAL };
+                        self.tear_down();
+                        return TunnelError::Wedged { window: self.keepalive_window };
                     }
                     self.probe_deadline = None;
                     self.next_probe = tokio::time::Instant::now() + LIVENESS_INTERVAL;
@@ -247,10 +253,12 @@ impl Session {
         }
     }
 
-    /// End the TCP connection under a session that no longer answers: the peer sees it
-    /// closed, and russh's task, waiting on the socket, ends with an error, dropping the
-    /// socket and its channels.
-    fn shut_down_socket(&mut self) {
+    /// End the session whatever state its task is in: every channel task ends (its target
+    /// connection closed), and the TCP connection is shut, so the server (or the proxy) sees
+    /// it end and frees the listen port; russh's task, if it is waiting on the socket, ends
+    /// with an error. A task stuck elsewhere stays stuck, but holds nothing that matters.
+    fn tear_down(&mut self) {
+        self.shared.tear_down();
         if let Some(fd) = self.socket.take() {
             let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
         }
@@ -268,15 +276,30 @@ impl Session {
         .await;
     }
 
-    /// Let open channels finish (up to `timeout`), then disconnect. Returns the channels cut.
-    pub async fn retire(self, timeout: Duration) -> usize {
+    /// Let open channels finish (up to `timeout`), then disconnect, each step bounded: a
+    /// session that does not answer is torn down all the same (on drop). Returns the
+    /// channels cut.
+    pub async fn retire(mut self, timeout: Duration) -> usize {
         self.stop_accepting().await;
         let _ = tokio::time::timeout(timeout, self.shared.channels.wait_zero()).await;
         let left = self.shared.channels.get();
-        let _ = self
-            .handle
-            .disconnect(russh::Disconnect::ByApplication, "agent stopping", "")
-            .await;
+        let bye = async {
+            let _ = self
+                .handle
+                .disconnect(russh::Disconnect::ByApplication, "agent stopping", "")
+                .await;
+            // The session's task sends the disconnect and ends.
+            let _ = (&mut self.handle).await;
+        };
+        let _ = tokio::time::timeout(SESSION_CLOSE_WAIT, bye).await;
         left
+    }
+}
+
+impl Drop for Session {
+    /// However a session ends (lost, wedged, retired, or dropped at exit), nothing of it
+    /// outlives it: not a channel task, not the connection.
+    fn drop(&mut self) {
+        self.tear_down();
     }
 }
