@@ -228,6 +228,23 @@ grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail
 check_connected
 ok "upgrade restarted the agent and kept the config"
 
+step "Debian 12: an upgrade whose binary refuses the configuration keeps the running agent"
+before=$(inside systemctl show -p MainPID --value secoda-agent)
+cp "$ROOT/etc/secoda-agent/agent.toml" "$work/agent.toml.good"
+sed -i 's/^listen_port = .*/listen_port = 0/' "$ROOT/etc/secoda-agent/agent.toml"
+inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/"$(basename "$deb")" \
+    >"$work/upgrade-refused.log" 2>&1 || fail "apt-get failed: $(tail -20 "$work/upgrade-refused.log")"
+grep "WARNING: secoda-agent: secoda-agent.service NOT restarted after the upgrade" "$work/upgrade-refused.log" >/dev/null \
+    || fail "dpkg's output does not say the agent was not restarted: $(cat "$work/upgrade-refused.log")"
+grep "listen_port" "$work/upgrade-refused.log" >/dev/null || fail "dpkg's output does not say why: $(cat "$work/upgrade-refused.log")"
+sleep 2
+[ "$(inside systemctl show -p MainPID --value secoda-agent)" = "$before" ] || fail "the agent was restarted onto a binary that refuses its configuration: $(unit_status)"
+inside journalctl -t secoda-agent --no-pager -q | grep "secoda-agent.service NOT restarted" >/dev/null \
+    || fail "the journal does not say the agent was not restarted"
+check_connected
+cp "$work/agent.toml.good" "$ROOT/etc/secoda-agent/agent.toml"
+ok "refused configuration: not restarted (pid $before still serves), said on dpkg's output and in the journal"
+
 step "Debian 12: the key encrypted at rest (systemd credentials)"
 # The documented flow (README "The key encrypted at rest").
 cp "$AGENT_KEY" "$ROOT/root/plain-key"
@@ -284,8 +301,13 @@ inside systemctl reset-failed secoda-agent
 ok "without the drop-in: failed once with exit 78, naming the credential and the line to add"
 
 step "Debian 12: purge"
+inside systemctl enable secoda-agent@eu >/dev/null 2>&1
+[ -L "$ROOT/etc/systemd/system/multi-user.target.wants/secoda-agent@eu.service" ] || fail "secoda-agent@eu not enabled"
 check_purge
-ok "purge leaves nothing behind"
+[ ! -e "$ROOT/etc/systemd/system/multi-user.target.wants/secoda-agent@eu.service" ] \
+    && [ ! -L "$ROOT/etc/systemd/system/multi-user.target.wants/secoda-agent@eu.service" ] \
+    || fail "an enabled secoda-agent@eu left its link behind"
+ok "purge leaves nothing behind (an enabled instance disabled, no dangling link)"
 stop_container
 
 step "Debian 11 (glibc 2.31, systemd 247): core checks"
@@ -316,6 +338,22 @@ ok "broken config refused by reload; the old config keeps serving"
 check_purge
 ok "purge leaves nothing behind"
 stop_container
+
+step "Debian 11: installed in an image builder's chroot (no /proc)"
+ROOT=$(fresh_root bullseye-chroot bullseye amd64 systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates)
+cp "$deb" "$ROOT/root/"
+[ ! -e "$ROOT/proc/self" ] || fail "/proc is mounted in the chroot"
+# What the fallback is for: Debian 11's systemd-sysusers cannot run here.
+sysusers="fails here, so the fallback made the user"
+if chroot "$ROOT" systemd-sysusers --inline 'u sa-probe - "probe"' >/dev/null 2>&1; then
+    sysusers="works here: the fallback was not exercised"
+fi
+chroot "$ROOT" dpkg -i /root/"$(basename "$deb")" >"$work/chroot-install.log" 2>&1 \
+    || fail "dpkg -i in a Debian 11 chroot without /proc: $(tail -20 "$work/chroot-install.log")"
+chroot "$ROOT" getent passwd secoda-agent | grep ":/nonexistent:/usr/sbin/nologin$" >/dev/null \
+    || fail "no secoda-agent system user: $(chroot "$ROOT" getent passwd secoda-agent)"
+[ "$(chroot "$ROOT" stat -c '%U:%G %a' /etc/secoda-agent)" = "root:secoda-agent 750" ] || fail "/etc/secoda-agent in the chroot"
+ok "dpkg -i in a Debian 11 chroot without /proc: user and permissions made (systemd-sysusers $sysusers)"
 
 step "rpm scriptlets in a booted Debian 12 (Debian's rpm, --nodeps)"
 # A newer build to upgrade to: the same payload, release 2.
@@ -349,11 +387,13 @@ grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail
 [ ! -e "$ROOT/etc/secoda-agent/agent.toml.rpmnew" ] || fail "an unchanged default config left agent.toml.rpmnew"
 check_connected
 ok "rpm -U: edited agent.toml kept, running agent restarted onto the new binary (pid $before -> $after)"
+inside systemctl enable secoda-agent@eu >/dev/null 2>&1
 inside rpm -e secoda-agent || fail "rpm -e"
 [ "$(inside systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after erase"
 [ ! -e "$ROOT/etc/systemd/system/multi-user.target.wants/secoda-agent.service" ] || fail "still enabled after erase"
+[ ! -L "$ROOT/etc/systemd/system/multi-user.target.wants/secoda-agent@eu.service" ] || fail "secoda-agent@eu still enabled after erase"
 [ ! -e "$ROOT/usr/bin/secoda-agent" ] || fail "binary left after erase"
-ok "rpm -e: stopped, disabled, files gone"
+ok "rpm -e: stopped, disabled (an instance too), files gone"
 stop_container
 
 step "Ansible role: example playbook inside a booted Debian 12 (ansible-core, -c local)"
