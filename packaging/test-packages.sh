@@ -87,6 +87,16 @@ for f in /usr/bin/secoda-agent /usr/lib/systemd/system/secoda-agent.service /usr
     echo "$rpm_files" | grep -qx "$f" || fail "$f missing from the rpm"
 done
 ok "rpm: files, %config(noreplace), scriptlets present"
+deb_files=$(dpkg-deb -c "$deb")
+for f in secoda-agent.rules.yml secoda-agent.rules.test.yml secoda-agent.dashboard.json; do
+    echo "$deb_files" | grep -F "./usr/share/doc/secoda-agent/monitoring/$f" >/dev/null || fail "$f missing from the .deb"
+    echo "$rpm_files" | grep -qx "/usr/share/doc/secoda-agent/monitoring/$f" || fail "$f missing from the rpm"
+done
+for f in restart-after-upgrade disable-instances; do
+    echo "$deb_files" | grep -E "^-rwxr-xr-x .* \./usr/lib/secoda-agent/$f\$" >/dev/null || fail "$f missing from the .deb, or not executable"
+    echo "$rpm_files" | grep -qx "/usr/lib/secoda-agent/$f" || fail "$f missing from the rpm"
+done
+ok "both packages ship the monitoring rules, their tests and the dashboard, and the maintainer helpers"
 
 setup_host
 metrics_port=$(free_port)

@@ -117,6 +117,8 @@ pub struct Metrics {
     channels_active: Gauge,
     /// Bytes of slow targets' backlogs in spill files now (channel/inbox.rs keeps it).
     pub spill_bytes: Gauge,
+    /// `[forward] max_spill`, what one channel's spill file may hold (Forwarder keeps it).
+    pub spill_limit_bytes: Gauge,
     /// Bytes sent towards the server that it has not yet passed on (channel/flight.rs).
     pub in_flight_bytes: Gauge,
     opened: Family<OutcomeLabels, Counter>,
@@ -135,6 +137,7 @@ impl Metrics {
         let session_age = Gauge::<f64, AtomicU64>::default();
         let channels_active = Gauge::default();
         let spill_bytes = Gauge::default();
+        let spill_limit_bytes = Gauge::default();
         let in_flight_bytes = Gauge::default();
         let opened = Family::<OutcomeLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
@@ -171,6 +174,11 @@ impl Metrics {
             "spill_bytes",
             "Bytes waiting for slow targets in spill files (on disk) now",
             spill_bytes.clone(),
+        );
+        registry.register(
+            "spill_limit_bytes",
+            "What one channel's spill file may hold ([forward] max_spill; 0: no spill files)",
+            spill_limit_bytes.clone(),
         );
         registry.register(
             "in_flight_bytes",
@@ -215,6 +223,7 @@ impl Metrics {
             session_age,
             channels_active,
             spill_bytes,
+            spill_limit_bytes,
             in_flight_bytes,
             opened,
             bytes_to_target,

@@ -18,6 +18,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v squid >/dev/null || missing+=(squid)
 command -v danted >/dev/null || missing+=(dante-server)
 command -v openssl >/dev/null || missing+=(openssl)
+# The monitoring rules and dashboard are checked with promtool and a real Prometheus.
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq

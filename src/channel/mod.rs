@@ -38,10 +38,17 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(settings: ForwardConfig, telemetry: Arc<Telemetry>) -> Self {
+        Self::publish(&telemetry, &settings);
         Forwarder {
             settings: RwLock::new(Arc::new(settings)),
             telemetry,
         }
+    }
+
+    /// The bounds the monitoring rules compare against (packaging/monitoring/).
+    fn publish(telemetry: &Telemetry, settings: &ForwardConfig) {
+        let limit = i64::try_from(settings.max_spill).unwrap_or(i64::MAX);
+        telemetry.metrics.spill_limit_bytes.set(limit);
     }
 
     pub fn settings(&self) -> Arc<ForwardConfig> {
@@ -53,6 +60,7 @@ impl Forwarder {
 
     /// Applies to channels opened from now on; open channels keep running untouched.
     pub fn update(&self, settings: ForwardConfig) {
+        Self::publish(&self.telemetry, &settings);
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
     }
 }
