@@ -68,6 +68,12 @@ impl Backoff {
         }
     }
 
+    /// `d` give or take a quarter, so that agents asking on the same schedule (a standby
+    /// pair started together) drift apart.
+    pub fn around(&mut self, d: Duration) -> Duration {
+        d.mul_f64(0.75 + self.unit() / 2.0)
+    }
+
     /// xorshift64*: uniform in [0, 1).
     fn unit(&mut self) -> f64 {
         self.rng ^= self.rng >> 12;

@@ -24,6 +24,12 @@ pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0";
 /// Same as the Docker image's `ServerAliveInterval=15` / `ServerAliveCountMax=4`.
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_KEEPALIVE_MAX: u32 = 4;
+/// Standby (the server's listen port held by another session, e.g. the other host of a pair):
+/// the port is asked for again this often, with jitter (supervisor.rs) ...
+pub const DEFAULT_STANDBY_RETRY: Duration = Duration::from_secs(5);
+/// ... within these bounds (`[tunnel] standby_retry`).
+pub const STANDBY_RETRY_MIN: Duration = Duration::from_secs(1);
+pub const STANDBY_RETRY_MAX: Duration = Duration::from_secs(600);
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;

@@ -36,9 +36,6 @@ pub enum TunnelError {
     #[error("authentication rejected for user {user} with key {fingerprint}: check that this is the key Secoda issued for this tunnel and the user is right ([tunnel] user / SSH_USER)")]
     AuthRejected { user: String, fingerprint: String },
 
-    #[error("the server refused to listen on {address}:{port}: the port is most likely still held by a previous session that has not timed out on the server yet (or the account may not forward it); retrying")]
-    ForwardRefused { address: String, port: u16 },
-
     #[error("the server stopped answering keepalives for {window:?}; the connection is dead")]
     KeepaliveTimeout { window: Duration },
 
@@ -83,7 +80,6 @@ impl TunnelError {
             TunnelError::Handshake { .. } => "handshake",
             TunnelError::HostKeyMismatch { .. } => "host_key_mismatch",
             TunnelError::AuthRejected { .. } => "auth_rejected",
-            TunnelError::ForwardRefused { .. } => "forward_refused",
             TunnelError::KeepaliveTimeout { .. } => "keepalive_timeout",
             TunnelError::Wedged { .. } => "wedged",
             TunnelError::Lost { .. } => "lost",

@@ -20,6 +20,8 @@ use crate::telemetry::{Snapshot, State, Telemetry};
 pub mod exit {
     pub const UP: u8 = 0;
     pub const DOWN: u8 = 3;
+    /// Healthy, standing by: the server's port is held by another session.
+    pub const STANDBY: u8 = 5;
     pub const NOT_RUNNING: u8 = 4;
     /// The socket exists but this user may not connect (EX_NOPERM).
     pub const NO_PERMISSION: u8 = 77;
@@ -152,10 +154,10 @@ pub fn query(path: &Path) -> Result<Snapshot, QueryError> {
 }
 
 pub fn exit_code(s: &Snapshot) -> u8 {
-    if s.state == State::Up {
-        exit::UP
-    } else {
-        exit::DOWN
+    match s.state {
+        State::Up => exit::UP,
+        State::Standby => exit::STANDBY,
+        _ => exit::DOWN,
     }
 }
 
@@ -188,6 +190,13 @@ pub fn render(s: &Snapshot) -> String {
             )
         }
         None => out += "  connected:  no\n",
+    }
+    if let Some(t) = s.standby_since {
+        out += &format!(
+            "  standby:    the port is held by another session (another host running this tunnel, or a session the server has not timed out yet) since {} ({}); taken over when freed\n",
+            utc(t),
+            span(s.now.saturating_sub(t))
+        );
     }
     out += &format!("  reconnects: {}\n", s.reconnects);
     match &s.last_error {

@@ -52,6 +52,8 @@ struct Supervisor {
     /// While READY=1 is still owed: when to send it even without a tunnel (READY_WAIT_MAX
     /// after start). `None` once sent (the first tunnel up, a reload, or that moment).
     ready_by: Option<tokio::time::Instant>,
+    /// While the session stands by: when to ask for the server's port again.
+    standby_retry_at: tokio::time::Instant,
 }
 
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
@@ -67,6 +69,7 @@ pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Co
         last_status: String::new(),
         reload_error: None,
         ready_by: Some(tokio::time::Instant::now() + READY_WAIT_MAX),
+        standby_retry_at: tokio::time::Instant::now(),
     };
     sup.main_loop().await;
 }
@@ -106,11 +109,24 @@ impl Supervisor {
             Ok(session) => {
                 self.failures.recovered();
                 let (addr, port) = &session.listen;
-                log::info!(
-                    tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
-                    "tunnel up: connected to {} as {}, the server listens on {addr}:{port}", session.server, self.cfg.tunnel.user);
-                self.session = Some(session);
-                self.opts.telemetry.up();
+                if session.standing_by().is_some() {
+                    // Not a failure: the other host of a pair holds the port, or the server
+                    // has not yet timed out a session of ours. One line, then quiet.
+                    let retry = self.cfg.tunnel.standby_retry;
+                    log::info!(
+                        tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
+                        "standing by: connected to {} as {}, but the server's port {addr}:{port} is held by another session (another host running this tunnel, or a session the server has not timed out yet); asking for it every {retry:?}", session.server, self.cfg.tunnel.user);
+                    self.standby_retry_at =
+                        tokio::time::Instant::now() + self.backoff.around(retry);
+                    self.session = Some(session);
+                    self.opts.telemetry.standby();
+                } else {
+                    log::info!(
+                        tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
+                        "tunnel up: connected to {} as {}, the server listens on {addr}:{port}", session.server, self.cfg.tunnel.user);
+                    self.session = Some(session);
+                    self.opts.telemetry.up();
+                }
                 let status = self.connected_status();
                 self.last_status = status.clone();
                 systemd::ready(&status);
@@ -143,6 +159,26 @@ impl Supervisor {
             tokio::select! {
                 e = session.closed() => break e,
                 c = self.control.recv() => return self.on_control(c).await,
+                _ = tokio::time::sleep_until(self.standby_retry_at), if session.standing_by().is_some() => {
+                    let since = session.standing_by().map(|t| t.elapsed()).unwrap_or_default();
+                    match session.take_over().await {
+                        Ok(true) => {
+                            let (addr, port) = &session.listen;
+                            log::info!(
+                                tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
+                                "tunnel up: took the server's port {addr}:{port} over after standing by for {:.0}s", since.as_secs_f64());
+                            self.opts.telemetry.up();
+                            let status = status_line(&self.cfg, session, self.reload_error.as_deref());
+                            systemd::status(&status);
+                            self.last_status = status;
+                        }
+                        Ok(false) => {
+                            self.standby_retry_at = tokio::time::Instant::now()
+                                + self.backoff.around(self.cfg.tunnel.standby_retry);
+                        }
+                        Err(e) => break e,
+                    }
+                }
                 _ = refresh.tick() => {
                     let status = status_line(&self.cfg, session, self.reload_error.as_deref());
                     if status != self.last_status {
@@ -352,15 +388,31 @@ pub fn endpoints(cfg: &Config) -> Endpoints {
 fn status_line(cfg: &Config, s: &Session, note: Option<&str>) -> String {
     let (addr, port) = &s.listen;
     let n = s.open_channels();
-    let line = format!(
-        "connected to {}, listening on {addr}:{port}, {n} active connection{}",
-        cfg.tunnel.route(),
-        if n == 1 { "" } else { "s" }
-    );
+    let line = match s.standing_by() {
+        Some(since) => format!(
+            "standby: connected to {}; the port {addr}:{port} is held by another session (another host running this tunnel, or a session the server has not timed out yet) since {}; asking every {:?}",
+            cfg.tunnel.route(),
+            crate::status::utc(unix_secs_ago(since.elapsed())),
+            cfg.tunnel.standby_retry
+        ),
+        None => format!(
+            "connected to {}, listening on {addr}:{port}, {n} active connection{}",
+            cfg.tunnel.route(),
+            if n == 1 { "" } else { "s" }
+        ),
+    };
     match note {
         Some(note) => format!("{note}; {line}"),
         None => line,
     }
+}
+
+/// Unix seconds of the moment `ago` before now.
+fn unix_secs_ago(ago: Duration) -> u64 {
+    std::time::SystemTime::now()
+        .checked_sub(ago)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Logs a failure at every attempt for the first few, then only a periodic summary, so a

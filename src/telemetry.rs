@@ -23,6 +23,9 @@ use crate::count::OpenCount;
 pub enum State {
     Connecting,
     Up,
+    /// Connected and healthy, but the server's port is held by another session (another
+    /// host running this tunnel, or a session the server has not timed out yet).
+    Standby,
     Reconnecting,
     Stopping,
 }
@@ -32,6 +35,7 @@ impl State {
         match self {
             State::Connecting => "connecting",
             State::Up => "up",
+            State::Standby => "standby",
             State::Reconnecting => "reconnecting",
             State::Stopping => "stopping",
         }
@@ -52,8 +56,11 @@ pub struct Snapshot {
     /// The proxy the tunnel goes through (`scheme://host:port`, no credentials), if any.
     #[serde(default)]
     pub proxy: Option<String>,
-    /// Unix seconds; set while the tunnel is up.
+    /// Unix seconds; set while the tunnel is up (or standing by).
     pub connected_since: Option<u64>,
+    /// Unix seconds; set while standing by: since when the port is held by another session.
+    #[serde(default)]
+    pub standby_since: Option<u64>,
     /// Sessions established after the first one.
     pub reconnects: u64,
     pub last_error: Option<LastError>,
@@ -111,6 +118,7 @@ struct DirectionLabels {
 pub struct Metrics {
     registry: Registry,
     tunnel_up: Gauge,
+    standby: Gauge,
     route: Family<RouteLabels, Gauge>,
     reconnects: Counter,
     session_age: Gauge<f64, AtomicU64>,
@@ -132,6 +140,7 @@ impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("secoda_agent");
         let tunnel_up = Gauge::default();
+        let standby = Gauge::default();
         let route = Family::<RouteLabels, Gauge>::default();
         let reconnects = Counter::default();
         let session_age = Gauge::<f64, AtomicU64>::default();
@@ -149,6 +158,11 @@ impl Metrics {
             "tunnel_up",
             "1 while the SSH session is established with the remote forward in place",
             tunnel_up.clone(),
+        );
+        registry.register(
+            "standby",
+            "1 while the session is up but the server's port is held by another session (another host running this tunnel): standing by to take it over",
+            standby.clone(),
         );
         registry.register(
             "tunnel_route",
@@ -218,6 +232,7 @@ impl Metrics {
         Metrics {
             registry,
             tunnel_up,
+            standby,
             route,
             reconnects,
             session_age,
@@ -252,6 +267,7 @@ struct Inner {
     state: State,
     endpoints: Endpoints,
     connected: Option<(SystemTime, Instant)>,
+    standby_since: Option<SystemTime>,
     sessions: u64,
     last_error: Option<LastError>,
 }
@@ -315,6 +331,7 @@ impl Telemetry {
                 state: State::Connecting,
                 endpoints,
                 connected: None,
+                standby_since: None,
                 sessions: 0,
                 last_error: None,
             }),
@@ -340,13 +357,33 @@ impl Telemetry {
 
     pub fn up(&self) {
         let mut i = lock(&self.inner);
+        // A standby session that takes the port over is the same session.
+        if i.state != State::Standby {
+            i.connected = Some((SystemTime::now(), Instant::now()));
+            self.count_session(&mut i);
+        }
         i.state = State::Up;
+        i.standby_since = None;
+        self.metrics.tunnel_up.set(1);
+        self.metrics.standby.set(0);
+    }
+
+    /// A session is established, but the server's port is held by another session.
+    pub fn standby(&self) {
+        let mut i = lock(&self.inner);
+        i.state = State::Standby;
         i.connected = Some((SystemTime::now(), Instant::now()));
+        i.standby_since = Some(SystemTime::now());
+        self.count_session(&mut i);
+        self.metrics.tunnel_up.set(0);
+        self.metrics.standby.set(1);
+    }
+
+    fn count_session(&self, i: &mut Inner) {
         i.sessions += 1;
         if i.sessions > 1 {
             self.metrics.reconnects.inc();
         }
-        self.metrics.tunnel_up.set(1);
     }
 
     /// A failed attempt or a lost session: the tunnel is down and retrying.
@@ -354,7 +391,9 @@ impl Telemetry {
         let mut i = lock(&self.inner);
         i.state = State::Reconnecting;
         i.connected = None;
+        i.standby_since = None;
         self.metrics.tunnel_up.set(0);
+        self.metrics.standby.set(0);
         drop(i);
         self.error(error);
     }
@@ -370,6 +409,7 @@ impl Telemetry {
     pub fn stopping(&self) {
         lock(&self.inner).state = State::Stopping;
         self.metrics.tunnel_up.set(0);
+        self.metrics.standby.set(0);
     }
 
     /// List a channel (once its target is connected) until the returned handle is dropped.
@@ -410,6 +450,7 @@ impl Telemetry {
             listen: i.endpoints.listen.clone(),
             proxy: i.endpoints.proxy.clone(),
             connected_since: i.connected.map(|(t, _)| unix(t)),
+            standby_since: i.standby_since.map(unix),
             reconnects: i.sessions.saturating_sub(1),
             last_error: i.last_error.clone(),
             channels,

@@ -96,6 +96,8 @@ pub struct TunnelConfig {
     pub keepalive_max: u32,
     /// `None`: connect to the server directly.
     pub proxy: Option<Proxy>,
+    /// While the server's port is held by another session (standby), how often to ask for it.
+    pub standby_retry: Duration,
 }
 
 impl TunnelConfig {
@@ -311,6 +313,7 @@ impl Config {
              client key:    {key}\n\
              host key pins: {pins}\n\
              keepalive:     every {ki:?}, dead after {km} unanswered\n\
+             standby:       while the port is held by another session, ask for it every {sr:?}\n\
              forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel in memory, then {ms} on disk; a target idle {stall:?} with data waiting is cut\n\
              policy:        {policy}\n\
              shutdown:      channels drain for up to {st:?}\n\
@@ -330,6 +333,7 @@ impl Config {
             pins = pins.join(", "),
             ki = t.keepalive_interval,
             km = t.keepalive_max,
+            sr = t.standby_retry,
             ct = f.connect_timeout,
             mc = f.max_connections,
             mp = show_size(f.max_pending),

@@ -41,6 +41,7 @@ pub(super) struct RawTunnel {
     pub(super) keepalive_interval: Option<String>,
     pub(super) keepalive_max: Option<i64>,
     pub(super) proxy: Option<String>,
+    pub(super) standby_retry: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -180,6 +180,19 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
         }
     };
 
+    let standby_retry = duration_setting(
+        &t.standby_retry,
+        DEFAULT_STANDBY_RETRY,
+        &toml_at("tunnel", "standby_retry"),
+        errors,
+    );
+    if !(STANDBY_RETRY_MIN..=STANDBY_RETRY_MAX).contains(&standby_retry) {
+        errors.push(format!(
+            "{}: {standby_retry:?} is out of range ({STANDBY_RETRY_MIN:?} to {STANDBY_RETRY_MAX:?})",
+            toml_at("tunnel", "standby_retry")
+        ));
+    }
+
     // A proxy URL may carry a password: the file holding it must then be private, as for a key.
     let proxy = match env_val(&["SSH_PROXY"]).or_else(|| {
         t.proxy.clone().map(|v| Val {
@@ -234,5 +247,6 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
         keepalive_interval,
         keepalive_max,
         proxy,
+        standby_retry,
     })
 }

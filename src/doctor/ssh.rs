@@ -148,12 +148,23 @@ pub(super) async fn ssh(
     }
 
     let listen = proxy::host_port(&t.listen_address, t.listen_port);
-    let held = running.filter(|s| s.state == State::Up && same_listen(&s.listen, &listen));
-    if let Some(s) = held {
+    let ours = running.filter(|s| same_listen(&s.listen, &listen));
+    if let Some(s) = ours.filter(|s| s.state == State::Up) {
         r.ok(
             "remote forward",
             format!(
                 "{listen} is held by the running agent (pid {}): not touched",
+                s.pid
+            ),
+        );
+    } else if let Some(s) = ours.filter(|s| s.state == State::Standby) {
+        let since = s
+            .standby_since
+            .map_or_else(String::new, |t| format!(" since {}", crate::status::utc(t)));
+        r.ok(
+            "remote forward",
+            format!(
+                "{listen} is held by another session (another host running this tunnel, or a session the server has not timed out yet){since}; the running agent (pid {}) stands by to take it over: not touched",
                 s.pid
             ),
         );

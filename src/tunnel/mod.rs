@@ -41,6 +41,10 @@ pub struct Session {
     pub listen: (String, u16),
     pub server: String,
     pub since: Instant,
+    /// Since when the server has refused the forward on this otherwise healthy session (the
+    /// port is held by another session): the agent stands by and asks again. `None` while
+    /// the forward is in place.
+    standby: Option<Instant>,
     keepalive_window: Duration,
     ended: oneshot::Receiver<TunnelError>,
     finished: bool,
@@ -54,6 +58,39 @@ pub struct Session {
     /// stuck. Shut, the server (through a proxy: the proxy, then the server) sees the session
     /// end and frees the listen port.
     socket: Option<OwnedFd>,
+    /// No proxy in between: the kernel's round trip is the server's.
+    direct: bool,
+}
+
+/// Ask the server to listen on the tunnel's port: `Ok(false)` when it refuses (the port is
+/// held by another session). Once granted, the round trip the in-flight budget starts from
+/// (channel/flight.rs): the kernel's for a direct connection (`kernel`), as it has timed the
+/// session's packets to the server itself. Through a proxy the kernel sees only the proxy's,
+/// which may be far shorter than the server's: there the forward request's own, which is
+/// longer than the path's (never a budget too small for it).
+async fn request_forward(
+    handle: &Handle<SessionHandler>,
+    shared: &SessionShared,
+    server: &str,
+    (address, port): (&str, u16),
+    kernel: Option<&OwnedFd>,
+) -> Result<bool, TunnelError> {
+    let asked = Instant::now();
+    match handle.tcpip_forward(address, u32::from(port)).await {
+        Ok(_) => {
+            let (rtt, from) = match kernel.and_then(sys::tcp_round_trip) {
+                Some(rtt) => (rtt, "the kernel's"),
+                None => (asked.elapsed(), "the forward request's"),
+            };
+            shared.flight.round_trip(rtt);
+            log::debug!("round trip to {server}: {rtt:?} ({from}); the budget for data in flight beside replies follows from it");
+            Ok(true)
+        }
+        Err(russh::Error::RequestDenied) => Ok(false),
+        Err(e) => Err(TunnelError::Lost {
+            reason: e.to_string(),
+        }),
+    }
 }
 
 async fn probe(
@@ -113,39 +150,17 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
                 },
             })?;
         authenticate(&mut handle, t).await?;
-        let asked = Instant::now();
-        match handle
-            .tcpip_forward(t.listen_address.clone(), u32::from(t.listen_port))
-            .await
-        {
-            Ok(_) => {
-                // The round trip the in-flight budget starts from (channel/flight.rs): the
-                // kernel's for a direct connection, as it has timed the handshake's packets
-                // to the server itself. Through a proxy the kernel sees only the proxy's,
-                // which may be far shorter than the server's: there the forward request's
-                // own, which is longer than the path's (never a budget too small for it).
-                let kernel = socket
-                    .as_ref()
-                    .filter(|_| direct)
-                    .and_then(sys::tcp_round_trip);
-                let (rtt, from) = match kernel {
-                    Some(rtt) => (rtt, "the kernel's"),
-                    None => (asked.elapsed(), "the forward request's"),
-                };
-                shared.flight.round_trip(rtt);
-                log::debug!("round trip to {server}: {rtt:?} ({from}); the budget for data in flight beside replies follows from it");
-                Ok(handle)
-            }
-            Err(russh::Error::RequestDenied) => Err(TunnelError::ForwardRefused {
-                address: t.listen_address.clone(),
-                port: t.listen_port,
-            }),
-            Err(e) => Err(TunnelError::Lost {
-                reason: e.to_string(),
-            }),
-        }
+        let forwarding = request_forward(
+            &handle,
+            &shared,
+            &server,
+            (&t.listen_address, t.listen_port),
+            socket.as_ref().filter(|_| direct),
+        )
+        .await?;
+        Ok((handle, forwarding))
     };
-    let handle = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, handshake).await {
+    let (handle, forwarding) = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, handshake).await {
         Ok(r) => r?,
         Err(_) if shared.received.load(Ordering::Relaxed) == 0 => {
             return Err(TunnelError::BannerTimeout { server })
@@ -163,6 +178,8 @@ pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session,
         listen: (t.listen_address.clone(), t.listen_port),
         server,
         since: Instant::now(),
+        standby: (!forwarding).then(Instant::now),
+        direct,
         keepalive_window,
         ended: ended_rx,
         finished: false,
@@ -213,6 +230,39 @@ pub(crate) async fn authenticate<H: client::Handler>(
 impl Session {
     pub fn open_channels(&self) -> usize {
         self.shared.channels.get()
+    }
+
+    /// Since when the session stands by (the server refuses the forward), if it does.
+    pub fn standing_by(&self) -> Option<Instant> {
+        self.standby
+    }
+
+    /// Ask for the forward again while standing by: `Ok(true)` once the server grants it
+    /// (the session is then active). An error means the session is no longer usable.
+    pub async fn take_over(&mut self) -> Result<bool, TunnelError> {
+        let (address, port) = (self.listen.0.clone(), self.listen.1);
+        let kernel = self.socket.as_ref().filter(|_| self.direct);
+        let asked = request_forward(
+            &self.handle,
+            &self.shared,
+            &self.server,
+            (&address, port),
+            kernel,
+        );
+        let granted = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, asked).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(TunnelError::Lost {
+                    reason: format!(
+                        "no answer to the forward request within {SSH_HANDSHAKE_TIMEOUT:?}"
+                    ),
+                })
+            }
+        };
+        if granted {
+            self.standby = None;
+        }
+        Ok(granted)
     }
 
     /// Resolves when the session is over: closed by the server, dead keepalives, or wedged.
@@ -267,6 +317,9 @@ impl Session {
     /// Stop taking new channels and give the listen port back to the server.
     pub async fn stop_accepting(&self) {
         self.shared.accepting.store(false, Ordering::Release);
+        if self.standby.is_some() {
+            return;
+        }
         let (addr, port) = &self.listen;
         let _ = tokio::time::timeout(
             Duration::from_secs(5),

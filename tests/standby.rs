@@ -1,0 +1,158 @@
+//! Two agents with the same configuration against one sshd: the server's listen port is a
+//! lock (sshd grants a port's forward to one session at a time), so the second stands by on a
+//! healthy session, says so without errors, and takes the port over as soon as the first
+//! gives it up (stopped, or killed), within its retry interval.
+
+use std::time::{Duration, Instant};
+
+use secoda_agent_harness::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// `secoda_agent_standby` and `secoda_agent_tunnel_up` from a metrics endpoint.
+async fn standby_and_up(mport: u16) -> (f64, f64) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", mport))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let get = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}:\n{body}"))
+    };
+    (get("secoda_agent_standby"), get("secoda_agent_tunnel_up"))
+}
+
+/// Lines the agent logged at warning or error level.
+fn complaints(agent: &Agent) -> Vec<String> {
+    agent
+        .output()
+        .lines()
+        .filter(|l| l.starts_with("WARN") || l.starts_with("ERROR"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Which agent serves the port now: the target of a fresh channel sees the connection, and
+/// the serving agent lists it in `status`.
+async fn served_by(listen: u16, agents: [&Agent; 2]) -> Option<usize> {
+    let echo = echo_server().await;
+    let (code, s) = socks5(listen, "127.0.0.1", echo.port()).await;
+    if code != 0 {
+        return None;
+    }
+    let s = s.unwrap();
+    let who = until_some(Duration::from_secs(5), || async {
+        agents.iter().position(|a| !a.channels().is_empty())
+    })
+    .await;
+    drop(s);
+    for a in agents {
+        a.wait_no_channels().await;
+    }
+    who
+}
+
+#[tokio::test]
+async fn a_second_agent_stands_by_and_takes_over_when_the_first_stops_or_dies() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let (m1, m2, m3) = (free_port(), free_port(), free_port());
+    let retry = Duration::from_secs(1);
+    let toml = |mport: u16| {
+        sshd.agent_toml(
+            listen,
+            &format!("standby_retry = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"),
+        )
+    };
+    let mut first = Agent::start(&toml(m1));
+    first.wait_ready().await;
+    let second = Agent::start(&toml(m2));
+    // A standby is a started service: READY=1, STATUS says standby.
+    second.wait_ready().await;
+    assert!(
+        second
+            .notifications()
+            .iter()
+            .any(|n| n.contains("STATUS=standby: ")),
+        "{:?}",
+        second.notifications()
+    );
+    let (code, text) = second.status(&[]);
+    assert_eq!(code, 5, "the standby's status exit code: {text}");
+    assert!(text.contains("tunnel standby"), "{text}");
+    assert!(text.contains("held by another session"), "{text}");
+    let v = json(&second.status(&["--json"]).1);
+    assert_eq!(v["state"], "standby");
+    assert!(v["standby_since"].as_u64().unwrap() > 0);
+    assert_eq!(standby_and_up(m2).await, (1.0, 0.0));
+    assert_eq!(standby_and_up(m1).await, (0.0, 1.0));
+
+    // Both healthy for a while: the first keeps the port, the second never takes it, and it
+    // says nothing but the one line on entering standby.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(8) {
+        assert_eq!(served_by(listen, [&first, &second]).await, Some(0));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(second.status(&[]).0, 5);
+    assert_eq!(complaints(&second), Vec::<String>::new());
+    assert_eq!(
+        second.output().matches("standing by").count(),
+        1,
+        "{}",
+        second.output()
+    );
+
+    // doctor on the standby's host: the port is held by another session, and left alone.
+    let (code, text) = doctor(None, &toml(m2), Some(&second.status_socket()));
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("stands by to take it over: not touched"),
+        "{text}"
+    );
+    assert_eq!(served_by(listen, [&first, &second]).await, Some(0));
+
+    // SIGTERM: the first gives the port back first; the second takes it within its retry.
+    first.signal(libc::SIGTERM);
+    let stopped = Instant::now();
+    let took = until_some(retry * 2 + Duration::from_secs(2), || async {
+        (served_by(listen, [&first, &second]).await == Some(1)).then_some(stopped.elapsed())
+    })
+    .await;
+    let took = took.expect("the standby did not take over after SIGTERM");
+    assert!(
+        second
+            .wait_output("took the server's port", Duration::from_secs(2))
+            .await,
+        "{}",
+        second.output()
+    );
+    assert_eq!(second.status(&[]).0, 0);
+    assert_eq!(standby_and_up(m2).await, (0.0, 1.0));
+    assert!(first.wait_exit(Duration::from_secs(15)).await.is_some());
+    eprintln!("takeover after SIGTERM: {took:?}");
+
+    // A third agent stands by for the second; SIGKILL on the second (the kernel closes its
+    // connection, sshd frees the port), and the third takes over.
+    let third = Agent::start(&toml(m3));
+    third.wait_ready().await;
+    assert_eq!(third.status(&[]).0, 5);
+    second.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let took = until_some(retry * 2 + Duration::from_secs(2), || async {
+        (served_by(listen, [&third, &third]).await == Some(0)).then_some(killed.elapsed())
+    })
+    .await;
+    took.expect("the standby did not take over after SIGKILL");
+    assert_eq!(third.status(&[]).0, 0);
+    assert_eq!(complaints(&third), Vec::<String>::new());
+}
