@@ -213,6 +213,37 @@ inside test ! -e /run/secoda-agent-eu || fail "the eu runtime directory outlived
 inside secoda-agent status >/dev/null || fail "stopping the eu instance touched the first tunnel"
 ok "template unit: two tunnels side by side, own status socket, metrics and journal identity"
 
+step "Debian 12: two agents for one port: the second stands by, and takes over on systemctl stop"
+write_config eu "$listen_port"
+printf 'standby_retry = "1s"\n' >> "$ROOT/etc/secoda-agent/eu.toml"
+inside chown root:secoda-agent /etc/secoda-agent/eu.toml
+inside chmod 0640 /etc/secoda-agent/eu.toml
+since=$(inside date '+%Y-%m-%d %H:%M:%S')
+sleep 1
+timeout 60 nsenter -t "$init_pid" -a systemctl start secoda-agent@eu || fail "the standby did not start: $(unit_status secoda-agent@eu)"
+[ "$(inside systemctl is-active secoda-agent@eu)" = active ] || fail "the standby is not active: $(unit_status secoda-agent@eu)"
+unit_status secoda-agent@eu | grep 'Status: "standby: connected to' >/dev/null || fail "no standby STATUS: $(unit_status secoda-agent@eu)"
+code=0; inside secoda-agent status --instance eu >/dev/null 2>&1 || code=$?
+[ "$code" = 5 ] || fail "status of the standby exits $code (expected 5)"
+! inside journalctl -t secoda-agent@eu -p warning --since "$since" --no-pager -q | grep . >/dev/null \
+    || fail "the standby logged warnings: $(inside journalctl -t secoda-agent@eu -p warning --since "$since" --no-pager -q)"
+fetch_through "$listen_port" "the active agent stopped serving beside a standby"
+inside systemctl stop secoda-agent
+took=""
+for i in $(seq 1 50); do
+    page=$(curl -sS --max-time 2 --socks5-hostname "127.0.0.1:$listen_port" "http://localhost:$web_port/" 2>/dev/null || true)
+    if [ "$page" = "hello from inside the container" ]; then took=$i; break; fi
+    sleep 0.2
+done
+[ -n "$took" ] || fail "the standby did not take over within 10 s of systemctl stop: $(unit_status secoda-agent@eu)"
+unit_status secoda-agent@eu | grep 'Status: "connected to' >/dev/null || fail "STATUS after the takeover: $(unit_status secoda-agent@eu)"
+inside journalctl -t secoda-agent@eu --since "$since" --no-pager -q | grep "took the server's port" >/dev/null || fail "no takeover line in the journal"
+inside systemctl stop secoda-agent@eu
+timeout 60 nsenter -t "$init_pid" -a systemctl start secoda-agent || fail "restart of the main unit: $(unit_status)"
+wait_active
+check_connected
+ok "standby: active with STATUS standby and status exit 5, no warnings; systemctl stop on the active one handed the port over"
+
 step "Debian 12: watchdog"
 old_pid=$(inside systemctl show -p MainPID --value secoda-agent)
 inside /bin/sh -c "kill -STOP $old_pid"

@@ -22,7 +22,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::connect::ResolveError;
 use crate::constants::{LOOKUP_STUCK_AFTER, TARGET_LOOKUPS_MAX, TARGET_LOOKUPS_STUCK_MAX};
@@ -30,9 +30,18 @@ use crate::constants::{LOOKUP_STUCK_AFTER, TARGET_LOOKUPS_MAX, TARGET_LOOKUPS_ST
 /// A lookup's result, shared by every request for the name (an `io::Error` is not `Clone`).
 type Answer = Result<Vec<IpAddr>, (io::ErrorKind, String)>;
 
+/// One lookup under way: its answer to come, and its turn among `TARGET_LOOKUPS_MAX` (taken
+/// away early when it is set aside).
+#[derive(Clone)]
+struct Lookup {
+    answer: watch::Receiver<Option<Answer>>,
+    turn: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    since: tokio::time::Instant,
+}
+
 /// The lookups under way, by name.
 struct Lookups {
-    by_name: Mutex<HashMap<String, watch::Receiver<Option<Answer>>>>,
+    by_name: Mutex<HashMap<String, Lookup>>,
     turns: Arc<Semaphore>,
     stuck: AtomicUsize,
     /// Lookups started, ever (what sharing saves shows here).
@@ -44,6 +53,10 @@ static TARGETS: LazyLock<Arc<Lookups>> = LazyLock::new(|| Arc::new(Lookups::new(
 /// `host`'s addresses for a target (an IP literal is its own). The caller bounds the time.
 pub async fn resolve_target(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
     TARGETS.resolve(host, port).await
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Lookups {
@@ -64,90 +77,115 @@ impl Lookups {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        let mut answer = self.subscribe(&host.to_ascii_lowercase());
-        let answer = match answer.wait_for(Option::is_some).await {
-            Ok(a) => a.clone(),
-            // The lookup task ended without an answer: only when the runtime shuts down.
-            Err(_) => None,
+        let name = host.to_ascii_lowercase();
+        let mut lookup = self.subscribe(&name);
+        let stuck_at = lookup.since + LOOKUP_STUCK_AFTER;
+        let first = tokio::time::timeout_at(stuck_at, lookup.answer.wait_for(Option::is_some))
+            .await
+            .map(|a| a.map(|a| a.clone()));
+        let answer = match first {
+            Ok(a) => a,
+            Err(_) => {
+                self.set_aside(&lookup.turn, &name);
+                let a = lookup.answer.wait_for(Option::is_some).await;
+                a.map(|a| a.clone())
+            }
         };
         match answer {
-            Some(Ok(ips)) if ips.is_empty() => Err(ResolveError::NoAddresses),
-            Some(Ok(ips)) => Ok(ips
+            Ok(Some(Ok(ips))) if ips.is_empty() => Err(ResolveError::NoAddresses),
+            Ok(Some(Ok(ips))) => Ok(ips
                 .into_iter()
                 .map(|ip| SocketAddr::new(ip, port))
                 .collect()),
-            Some(Err((kind, text))) => Err(ResolveError::Failed(io::Error::new(kind, text))),
-            None => Err(ResolveError::Failed(io::ErrorKind::Interrupted.into())),
+            Ok(Some(Err((kind, text)))) => Err(ResolveError::Failed(io::Error::new(kind, text))),
+            // The lookup ended without an answer: only when the runtime shuts down.
+            _ => Err(ResolveError::Failed(io::ErrorKind::Interrupted.into())),
         }
     }
 
-    /// The answer to come for `name`: the lookup under way, or a new one.
-    fn subscribe(self: &Arc<Self>, name: &str) -> watch::Receiver<Option<Answer>> {
-        let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = by_name.get(name) {
-            return rx.clone();
+    /// The lookup under way for `name`, or a new one: started at once when a turn is free
+    /// (the common case: no task of its own), else by a task that waits for one, so that
+    /// requests giving up meanwhile leave it waiting for the others.
+    fn subscribe(self: &Arc<Self>, name: &str) -> Lookup {
+        let mut by_name = lock(&self.by_name);
+        if let Some(lookup) = by_name.get(name) {
+            return lookup.clone();
         }
         let (tx, rx) = watch::channel(None);
-        by_name.insert(name.to_string(), rx.clone());
-        tokio::spawn(self.clone().look_up(name.to_string(), tx));
-        rx
+        let lookup = Lookup {
+            answer: rx,
+            turn: Arc::new(Mutex::new(None)),
+            since: tokio::time::Instant::now(),
+        };
+        by_name.insert(name.to_string(), lookup.clone());
+        drop(by_name);
+        match self.turns.clone().try_acquire_owned() {
+            Ok(turn) => self.start(name.to_string(), tx, &lookup.turn, turn),
+            Err(_) => {
+                let (me, name, slot) = (self.clone(), name.to_string(), lookup.turn.clone());
+                tokio::spawn(async move {
+                    let Ok(turn) = me.turns.clone().acquire_owned().await else {
+                        return;
+                    };
+                    // Everyone who asked may have given up meanwhile (the table holds one
+                    // receiver of its own).
+                    if tx.receiver_count() <= 1 {
+                        lock(&me.by_name).remove(&name);
+                        return;
+                    }
+                    me.start(name, tx, &slot, turn);
+                });
+            }
+        }
+        lookup
     }
 
-    /// One lookup, on its own task: requests that time out leave it running, so that its
-    /// thread stays counted until the resolver answers.
-    async fn look_up(self: Arc<Self>, name: String, tx: watch::Sender<Option<Answer>>) {
-        let Ok(turn) = self.turns.clone().acquire_owned().await else {
-            return;
-        };
-        // Everyone who asked may have given up while it waited for a turn (the map holds
-        // one receiver of its own).
-        if tx.receiver_count() <= 1 {
-            self.finish(&name, &tx, None);
-            return;
-        }
+    /// Run the lookup on the blocking pool, holding `turn` until the resolver answers (or
+    /// the lookup is set aside); the thread itself publishes the answer.
+    fn start(
+        self: &Arc<Self>,
+        name: String,
+        tx: watch::Sender<Option<Answer>>,
+        slot: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+        turn: OwnedSemaphorePermit,
+    ) {
+        *lock(slot) = Some(turn);
         self.started.fetch_add(1, Ordering::Relaxed);
-        let host = name.clone();
-        let mut blocking = tokio::task::spawn_blocking(move || {
-            (host.as_str(), 0)
+        let (me, slot) = (self.clone(), slot.clone());
+        // Detached: the thread runs until the resolver answers, whoever still waits.
+        drop(tokio::task::spawn_blocking(move || {
+            let answer = (name.as_str(), 0)
                 .to_socket_addrs()
                 .map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>())
-                .map_err(|e| (e.kind(), e.to_string()))
-        });
-        let answer = tokio::select! {
-            done = &mut blocking => done,
-            _ = tokio::time::sleep(LOOKUP_STUCK_AFTER) => {
-                let set_aside = self
-                    .stuck
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < TARGET_LOOKUPS_STUCK_MAX).then_some(n + 1)
-                    })
-                    .is_ok();
-                if set_aside {
-                    log::debug!("the lookup of {name} has taken {LOOKUP_STUCK_AFTER:?}: it no longer holds up other names' lookups");
-                    drop(turn);
-                    let done = blocking.await;
-                    self.stuck.fetch_sub(1, Ordering::AcqRel);
-                    done
-                } else {
-                    let done = blocking.await;
-                    drop(turn);
-                    done
-                }
+                .map_err(|e| (e.kind(), e.to_string()));
+            if lock(&slot).take().is_none() {
+                // It had been set aside: its turn went back then.
+                me.stuck.fetch_sub(1, Ordering::AcqRel);
             }
-        };
-        let answer = answer.unwrap_or_else(|e| Err((io::ErrorKind::Other, e.to_string())));
-        self.finish(&name, &tx, Some(answer));
+            // The next request for the name starts a lookup of its own: answers are not
+            // cached here (the system's resolver, or nscd, may cache them).
+            lock(&me.by_name).remove(&name);
+            tx.send_replace(Some(answer));
+        }));
     }
 
-    /// The next request for the name starts a lookup of its own: answers are not cached here
-    /// (the system's resolver, or nscd, may cache them).
-    fn finish(&self, name: &str, tx: &watch::Sender<Option<Answer>>, answer: Option<Answer>) {
-        self.by_name
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        if let Some(answer) = answer {
-            tx.send_replace(Some(answer));
+    /// A lookup unanswered for `LOOKUP_STUCK_AFTER` gives its turn back, so that names
+    /// whose DNS never answers do not hold up the others (up to `TARGET_LOOKUPS_STUCK_MAX`
+    /// such lookups; past that they keep their turns).
+    fn set_aside(&self, slot: &Mutex<Option<OwnedSemaphorePermit>>, name: &str) {
+        let mut slot = lock(slot);
+        if slot.is_none() {
+            return;
+        }
+        let room = self
+            .stuck
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < TARGET_LOOKUPS_STUCK_MAX).then_some(n + 1)
+            })
+            .is_ok();
+        if room {
+            log::debug!("the lookup of {name} has taken {LOOKUP_STUCK_AFTER:?}: it no longer holds up other names' lookups");
+            *slot = None;
         }
     }
 }

@@ -96,13 +96,35 @@ async fn a_second_agent_stands_by_and_takes_over_when_the_first_stops_or_dies() 
     assert_eq!(standby_and_up(m2).await, (1.0, 0.0));
     assert_eq!(standby_and_up(m1).await, (0.0, 1.0));
 
-    // Both healthy for a while: the first keeps the port, the second never takes it, and it
-    // says nothing but the one line on entering standby.
+    // Both healthy for a long run: the first keeps the port, the second never takes it (it
+    // asks every second), a long-lived channel through the first is never cut, and the
+    // second says nothing but the one line on entering standby.
+    assert_eq!(served_by(listen, [&first, &second]).await, Some(0));
+    let echo = echo_server().await;
+    let (code, keep) = socks5(listen, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0);
+    let mut keep = keep.unwrap();
     let watch = Instant::now();
-    while watch.elapsed() < Duration::from_secs(8) {
-        assert_eq!(served_by(listen, [&first, &second]).await, Some(0));
+    let mut rounds = 0u64;
+    while watch.elapsed() < Duration::from_secs(90) {
+        let msg = rounds.to_be_bytes();
+        keep.write_all(&msg)
+            .await
+            .expect("the long-lived channel was cut");
+        let mut back = [0u8; 8];
+        keep.read_exact(&mut back)
+            .await
+            .expect("the long-lived channel was cut");
+        assert_eq!(back, msg);
+        assert_eq!(first.status(&[]).0, 0, "the first lost the port");
+        assert_eq!(second.status(&[]).0, 5, "the second left standby");
+        assert_serves(listen).await;
+        rounds += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    drop(keep);
+    first.wait_no_channels().await;
+    assert!(second.channels().is_empty());
     assert_eq!(second.status(&[]).0, 5);
     assert_eq!(complaints(&second), Vec::<String>::new());
     assert_eq!(
