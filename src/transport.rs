@@ -417,42 +417,44 @@ mod tests {
         assert_eq!(got, n);
     }
 
-    #[tokio::test]
-    async fn bulk_data_coalesces_and_a_short_tail_still_arrives_at_once() {
-        let (mut t, mut peer) = pair().await;
-        // Bulk data until coalescing is on (a pause of the writer longer than the fallback
-        // turns it off again, so look after each MiB).
+    /// Bulk data until coalescing is on (a pause of the writer longer than the fallback turns
+    /// it off again, so look after each MiB).
+    async fn coalesce(t: &mut Transport, peer: &mut TcpStream) {
         let block = vec![7u8; 1 << 20];
-        let mut engaged = false;
         for _ in 0..256 {
-            let (w, ()) = tokio::join!(peer.write_all(&block), read_exactly(&mut t, block.len()));
+            let (w, ()) = tokio::join!(peer.write_all(&block), read_exactly(t, block.len()));
             w.unwrap();
             if t.coalesce.on {
-                engaged = true;
-                break;
+                return;
             }
         }
         let rcvbuf = socket2::SockRef::from(&t.tcp).recv_buffer_size().unwrap();
-        assert!(
-            engaged,
-            "256 MiB of bulk data did not start coalescing (receive buffer {rcvbuf} bytes)"
-        );
+        panic!("256 MiB of bulk data did not start coalescing (receive buffer {rcvbuf} bytes)");
+    }
 
-        // A message far below the mark, with nothing after it, lands while the agent is
-        // not reading: the mark keeps the kernel from signalling it, and the fallback timer
-        // must deliver it, not more data. (First a read that finds nothing, so that the
-        // runtime's own readiness flag is clear, as after any quiet spell.)
+    /// A message far below the mark, with nothing after it, lands while the agent is not
+    /// reading: the mark keeps the kernel from signalling it, and the fallback must deliver
+    /// it, not more data. (First a read that finds nothing, so that the runtime's own
+    /// readiness flag is clear, as after any quiet spell.)
+    async fn a_short_tail_arrives(t: &mut Transport, peer: &mut TcpStream) {
         let quiet = t.tcp.try_read(&mut [0u8; 1]);
         assert!(matches!(quiet, Err(ref e) if e.kind() == io::ErrorKind::WouldBlock));
         peer.write_all(&[1u8; 100]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let started = Instant::now();
-        read_exactly(&mut t, 100).await;
+        read_exactly(t, 100).await;
         let waited = started.elapsed();
         assert!(
             waited < Duration::from_millis(500),
             "a 100-byte tail waited {waited:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn bulk_data_coalesces_and_a_short_tail_still_arrives_at_once() {
+        let (mut t, mut peer) = pair().await;
+        coalesce(&mut t, &mut peer).await;
+        a_short_tail_arrives(&mut t, &mut peer).await;
         assert!(!t.coalesce.on, "coalescing outlived the burst");
 
         // Quiet again: the next small message needs no timer.
@@ -469,29 +471,8 @@ mod tests {
     async fn without_the_kernels_signal_a_tail_below_the_mark_still_arrives() {
         let (mut t, mut peer) = pair().await;
         t.coalesce.kernel_ignores_lowering = true;
-        let block = vec![7u8; 1 << 20];
-        for _ in 0..256 {
-            let (w, ()) = tokio::join!(peer.write_all(&block), read_exactly(&mut t, block.len()));
-            w.unwrap();
-            if t.coalesce.on {
-                break;
-            }
-        }
-        assert!(
-            t.coalesce.on,
-            "256 MiB of bulk data did not start coalescing"
-        );
-        let quiet = t.tcp.try_read(&mut [0u8; 1]);
-        assert!(matches!(quiet, Err(ref e) if e.kind() == io::ErrorKind::WouldBlock));
-        peer.write_all(&[1u8; 100]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let started = Instant::now();
-        read_exactly(&mut t, 100).await;
-        let waited = started.elapsed();
-        assert!(
-            waited < Duration::from_millis(500),
-            "a 100-byte tail waited {waited:?}"
-        );
+        coalesce(&mut t, &mut peer).await;
+        a_short_tail_arrives(&mut t, &mut peer).await;
     }
 
     /// Point 2: a small read re-arms `TCP_QUICKACK`, from the acker task, so not before the

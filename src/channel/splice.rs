@@ -295,15 +295,20 @@ mod tests {
         }
     }
 
-    /// Both directions through a real socket pair, without SSH: the server's bytes reach the
-    /// target, the target's reach the channel, and each EOF is passed on as a half-close.
-    #[tokio::test]
-    async fn both_directions_with_half_close() {
+    /// A connected target socket pair, a channel's inbox and input, and its counters.
+    struct Fixture {
+        agent_side: TcpStream,
+        target: TcpStream,
+        inbox: inbox::Inbox,
+        input: ChannelInput,
+        counts: Arc<ChannelStat>,
+    }
+
+    async fn fixture() -> Fixture {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent_side = TcpStream::connect(listener.local_addr().unwrap());
         let (agent_side, accepted) = tokio::join!(agent_side, listener.accept());
-        let (mut target, _) = accepted.unwrap();
-        let (mut inbox, mut input) = inbox::inbox(
+        let (inbox, input) = inbox::inbox(
             &settings(),
             Arc::new(Intake::default()),
             prometheus_client::metrics::gauge::Gauge::default(),
@@ -316,7 +321,26 @@ mod tests {
                 proxy: None,
             },
         );
-        let counts = telemetry.open_channel("t:1".into(), "o:1".into());
+        Fixture {
+            agent_side: agent_side.unwrap(),
+            target: accepted.unwrap().0,
+            inbox,
+            input,
+            counts: telemetry.open_channel("t:1".into(), "o:1".into()),
+        }
+    }
+
+    /// Both directions through a real socket pair, without SSH: the server's bytes reach the
+    /// target, the target's reach the channel, and each EOF is passed on as a half-close.
+    #[tokio::test]
+    async fn both_directions_with_half_close() {
+        let Fixture {
+            agent_side,
+            mut target,
+            mut inbox,
+            mut input,
+            counts,
+        } = fixture().await;
         let (output, session) = (Recorder::default(), SessionShared::default());
         let mut eof = tokio::io::sink();
 
@@ -337,7 +361,7 @@ mod tests {
         };
         let splicing = splice(
             &mut input,
-            agent_side.unwrap(),
+            agent_side,
             &output,
             &mut eof,
             &session,
@@ -429,24 +453,13 @@ mod tests {
         window: usize,
         largest: Arc<std::sync::atomic::AtomicUsize>,
     ) -> (bool, bool, usize) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let agent_side = TcpStream::connect(listener.local_addr().unwrap());
-        let (agent_side, accepted) = tokio::join!(agent_side, listener.accept());
-        let (mut target, _) = accepted.unwrap();
-        let (mut inbox, mut input) = inbox::inbox(
-            &settings(),
-            Arc::new(Intake::default()),
-            prometheus_client::metrics::gauge::Gauge::default(),
-        );
-        let telemetry = Telemetry::new(
-            None,
-            Endpoints {
-                server: "s:22".into(),
-                listen: "l:1".into(),
-                proxy: None,
-            },
-        );
-        let counts = telemetry.open_channel("t:1".into(), "o:1".into());
+        let Fixture {
+            agent_side,
+            mut target,
+            mut inbox,
+            mut input,
+            counts,
+        } = fixture().await;
         let output = SmallWindow {
             window,
             got: Mutex::default(),
@@ -462,7 +475,7 @@ mod tests {
         };
         let splicing = splice(
             &mut input,
-            agent_side.unwrap(),
+            agent_side,
             &output,
             &mut eof,
             &session,
