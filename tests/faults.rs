@@ -222,21 +222,8 @@ async fn a_vanished_active_host_is_replaced_once_the_server_gives_up_on_it() {
         .next()
         .unwrap_or_else(|| panic!("no connection of pid {pid} to sshd:\n{conns}"));
     first.signal(libc::SIGSTOP);
-    ns.run(&["nft", "add", "table", "inet", "vanish"]);
-    ns.run(&[
-        "nft",
-        "add",
-        "chain",
-        "inet",
-        "vanish",
-        "input",
-        "{ type filter hook input priority 0 ; }",
-    ]);
-    for dir in ["sport", "dport"] {
-        ns.run(&[
-            "nft", "add", "rule", "inet", "vanish", "input", "tcp", dir, &local, "drop",
-        ]);
-    }
+    let local: u16 = local.parse().unwrap();
+    ns.drop_tcp("vanish", "input", &[("sport", local), ("dport", local)]);
     let vanished = Instant::now();
     // Watched through the standby's status, not by connecting to the port: a connection to
     // the port wakes the vanished session's sshd process, and OpenSSH 9.2 runs its first
