@@ -9,7 +9,9 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
-use crate::constants::{BACKOFF_CEILING, BACKOFF_INITIAL, FAST_RETRY_MAX, FAST_RETRY_WINDOW};
+use crate::constants::{
+    BACKOFF_CEILING, BACKOFF_INITIAL, FAST_RETRY_MAX, FAST_RETRY_WINDOW, PROBE_DELAY_MAX,
+};
 
 pub struct Backoff {
     attempt: u32,
@@ -45,6 +47,11 @@ impl Backoff {
             .min(BACKOFF_CEILING);
         self.attempt = self.attempt.saturating_add(1);
         cap.mul_f64(self.unit())
+    }
+
+    /// After an attempt that nothing answered (see `PROBE_DELAY_MAX`).
+    pub fn probe_delay(&mut self) -> Duration {
+        PROBE_DELAY_MAX.mul_f64(0.5 + self.unit() / 2.0)
     }
 
     /// For failures that only an operator can fix (a host key mismatch): wait at the ceiling.

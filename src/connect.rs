@@ -61,9 +61,22 @@ pub async fn first_of(
     addrs: &[SocketAddr],
     stagger: Duration,
 ) -> Result<(TcpStream, SocketAddr), Vec<(SocketAddr, io::Error)>> {
-    let mut queue = interleave_families(addrs).into_iter();
+    first_of_probing(addrs, stagger, None).await
+}
+
+/// As [`first_of`]; with `reprobe`, once every address has its attempt, each address with no
+/// answer yet gets a fresh one every `reprobe` (the caller bounds the whole). The kernel
+/// retransmits a SYN 1, 3 and 7 s after the first, then gives up for 8 s more, so a path that
+/// comes back after a blackout would otherwise be seen only seconds later.
+pub async fn first_of_probing(
+    addrs: &[SocketAddr],
+    stagger: Duration,
+    reprobe: Option<Duration>,
+) -> Result<(TcpStream, SocketAddr), Vec<(SocketAddr, io::Error)>> {
+    let order = interleave_families(addrs);
+    let mut queue = order.clone().into_iter();
     let mut attempts = JoinSet::new();
-    let mut errors = Vec::new();
+    let mut errors: Vec<(SocketAddr, io::Error)> = Vec::new();
     let start = |attempts: &mut JoinSet<_>, addr: SocketAddr| {
         attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
     };
@@ -71,6 +84,7 @@ pub async fn first_of(
         Some(addr) => start(&mut attempts, addr),
         None => return Err(errors),
     }
+    let mut reprobe_at = reprobe.map(|d| tokio::time::Instant::now() + d);
     loop {
         let more = queue.len() > 0;
         tokio::select! {
@@ -91,7 +105,22 @@ pub async fn first_of(
                     start(&mut attempts, next);
                 }
             }
+            _ = sleep_until(reprobe_at), if !more && reprobe_at.is_some() => {
+                // An address that answered with an error is not asked again.
+                for addr in order.iter().filter(|a| !errors.iter().any(|(e, _)| e == *a)) {
+                    start(&mut attempts, *addr);
+                }
+                reprobe_at = reprobe_at.zip(reprobe).map(|(at, d)| at + d);
+            }
         }
+    }
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -95,6 +95,18 @@ pub const BACKOFF_CEILING: Duration = Duration::from_secs(60);
 pub const FAST_RETRY_MAX: Duration = Duration::from_secs(1);
 /// ... for this long (a server restart is back within about a second of accepting again).
 pub const FAST_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// After a connect timeout (nothing answered; the attempt itself sent a SYN every
+/// `CONNECT_REPROBE`), the next attempt follows within this, so that probing never stops.
+pub const PROBE_DELAY_MAX: Duration = Duration::from_secs(1);
+/// A connect attempt with no answer yet sends a fresh SYN this often beside the kernel's own
+/// retransmissions (1, 3, 7 s after the first), so that a path that comes back is seen within
+/// about this.
+pub const CONNECT_REPROBE: Duration = Duration::from_secs(2);
+/// After resetting our own lost session's connection (tunnel/mod.rs, `Stale`), a refused
+/// forward is asked for again this often ...
+pub const QUICK_STANDBY_RETRY: Duration = Duration::from_secs(1);
+/// ... for this long: the server frees the port once its session process has seen the reset.
+pub const QUICK_STANDBY_FOR: Duration = Duration::from_secs(10);
 /// A session that stayed up this long resets the backoff.
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 /// The same failure is logged at every attempt this many times, then summarised.

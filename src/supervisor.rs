@@ -9,10 +9,12 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::channel::Forwarder;
 use crate::config::{self, Config, Sources};
-use crate::constants::{BACKOFF_RESET_AFTER, READY_WAIT_MAX, REPEAT_LOG_LIMIT};
+use crate::constants::{
+    BACKOFF_RESET_AFTER, QUICK_STANDBY_FOR, QUICK_STANDBY_RETRY, READY_WAIT_MAX, REPEAT_LOG_LIMIT,
+};
 use crate::error::TunnelError;
 use crate::telemetry::{Endpoints, Telemetry};
-use crate::tunnel::{self, Session};
+use crate::tunnel::{self, Session, Stale};
 use crate::{logging, proxy, systemd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,12 @@ struct Supervisor {
     ready_by: Option<tokio::time::Instant>,
     /// While the session stands by: when to ask for the server's port again.
     standby_retry_at: tokio::time::Instant,
+    /// The connection of the last session lost, reset once a new one is answered.
+    stale: Stale,
+    /// Until when a refused forward is asked for again within a second rather than after
+    /// `standby_retry`: just after resetting our own lost session, whose port the server
+    /// frees a moment later.
+    quick_standby_until: Option<tokio::time::Instant>,
 }
 
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
@@ -70,6 +78,8 @@ pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Co
         reload_error: None,
         ready_by: Some(tokio::time::Instant::now() + READY_WAIT_MAX),
         standby_retry_at: tokio::time::Instant::now(),
+        stale: Stale::default(),
+        quick_standby_until: None,
     };
     sup.main_loop().await;
 }
@@ -96,15 +106,27 @@ impl Supervisor {
             self.opts.telemetry.connecting();
         }
         let tunnel_cfg = self.cfg.tunnel.clone();
-        let attempt = tunnel::establish(&tunnel_cfg, self.fwd.clone());
+        let fwd = self.fwd.clone();
+        // The attempt owns the stale connection while it runs and hands it back (a signal
+        // that interrupts it closes it normally: the server then frees the port later).
+        let mut stale = std::mem::take(&mut self.stale);
+        let resetting = stale.is_some();
+        let attempt = async move {
+            let r = tunnel::establish(&tunnel_cfg, fwd, &mut stale).await;
+            (r, stale)
+        };
         tokio::pin!(attempt);
-        let result = loop {
+        let (result, stale) = loop {
             tokio::select! {
                 r = &mut attempt => break r,
                 _ = ready_due(self.ready_by) => self.ready_while_down(),
                 c = self.control.recv() => return self.on_control(c).await,
             }
         };
+        self.stale = stale;
+        if resetting && !self.stale.is_some() {
+            self.quick_standby_until = Some(tokio::time::Instant::now() + QUICK_STANDBY_FOR);
+        }
         match result {
             Ok(session) => {
                 self.failures.recovered();
@@ -116,8 +138,7 @@ impl Supervisor {
                     log::info!(
                         tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
                         "standing by: connected to {} as {}, but the server's port {addr}:{port} is held by another session (another host running this tunnel, or a session the server has not timed out yet); asking for it every {retry:?}", session.server, self.cfg.tunnel.user);
-                    self.standby_retry_at =
-                        tokio::time::Instant::now() + self.backoff.around(retry);
+                    self.standby_retry_at = self.next_standby_retry();
                     self.session = Some(session);
                     self.opts.telemetry.standby();
                 } else {
@@ -136,6 +157,10 @@ impl Supervisor {
             Err(e) => {
                 let delay = match e {
                     TunnelError::HostKeyMismatch { .. } => self.backoff.ceiling_delay(),
+                    // Nothing answered: the attempt itself waited, sending a SYN every
+                    // moment (connect.rs). Keep probing, so that the tunnel is back within
+                    // seconds of the path, however long the outage.
+                    TunnelError::ConnectTimeout { .. } => self.backoff.probe_delay(),
                     _ => self.backoff.next_delay(),
                 };
                 self.failures.report(&e, delay, &self.cfg);
@@ -172,10 +197,7 @@ impl Supervisor {
                             systemd::status(&status);
                             self.last_status = status;
                         }
-                        Ok(false) => {
-                            self.standby_retry_at = tokio::time::Instant::now()
-                                + self.backoff.around(self.cfg.tunnel.standby_retry);
-                        }
+                        Ok(false) => self.standby_retry_at = next_standby_retry(&mut self.backoff, self.quick_standby_until, self.cfg.tunnel.standby_retry),
                         Err(e) => break e,
                     }
                 }
@@ -189,7 +211,9 @@ impl Supervisor {
             }
         };
         let lived = session.since.elapsed();
-        self.session = None;
+        if let Some(session) = self.session.take() {
+            self.stale = session.abandon();
+        }
         if lived >= BACKOFF_RESET_AFTER {
             self.backoff.reset();
         }
@@ -206,6 +230,15 @@ impl Supervisor {
             delay.as_secs_f64().ceil()
         ));
         self.pause(delay).await
+    }
+
+    /// When to ask for the port again while standing by.
+    fn next_standby_retry(&mut self) -> tokio::time::Instant {
+        next_standby_retry(
+            &mut self.backoff,
+            self.quick_standby_until,
+            self.cfg.tunnel.standby_retry,
+        )
     }
 
     /// Sleep before the next attempt, still answering signals.
@@ -356,6 +389,20 @@ impl Supervisor {
             self.last_status = status;
         }
     }
+}
+
+/// `standby_retry` with jitter; about a second instead until `quick_until`.
+fn next_standby_retry(
+    backoff: &mut Backoff,
+    quick_until: Option<tokio::time::Instant>,
+    standby_retry: Duration,
+) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let every = match quick_until {
+        Some(t) if now < t => QUICK_STANDBY_RETRY.min(standby_retry),
+        _ => standby_retry,
+    };
+    now + backoff.around(every)
 }
 
 /// Resolves at `ready_by`; never when READY=1 was already sent.

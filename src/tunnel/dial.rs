@@ -40,10 +40,12 @@ async fn connect_direct(t: &TunnelConfig) -> Result<TcpStream, TunnelError> {
             host: t.host.clone(),
             reason: e.to_string(),
         })?;
-    // The addresses race (see connect.rs), all within SSH_CONNECT_TIMEOUT.
+    // The addresses race (see connect.rs), all within SSH_CONNECT_TIMEOUT, and those that
+    // have not answered are asked again every CONNECT_REPROBE: after a blackout, the tunnel
+    // comes back within seconds of the path.
     match tokio::time::timeout(
         SSH_CONNECT_TIMEOUT,
-        connect::first_of(&addrs, CONNECT_STAGGER),
+        connect::first_of_probing(&addrs, CONNECT_STAGGER, Some(CONNECT_REPROBE)),
     )
     .await
     {

@@ -62,6 +62,32 @@ pub struct Session {
     direct: bool,
 }
 
+/// The socket of a lost session (see [`Session::abandon`]). Closing it normally leaves the
+/// connection to the kernel's backed-off retransmissions; [`Stale::reset`] ends it at once.
+#[derive(Default)]
+pub struct Stale(Option<OwnedFd>);
+
+impl Stale {
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Close the old connection abortively: the kernel sends a reset (with a sequence number
+    /// the server accepts, or after its challenge ACK, RFC 5961), so the server ends that
+    /// session and frees the listen port for ours. Called once a new connection has been
+    /// answered: the path is back, so the reset gets through.
+    pub fn reset(&mut self) {
+        if let Some(fd) = self.0.take() {
+            let sock = socket2::SockRef::from(&fd);
+            if sock.set_linger(Some(Duration::ZERO)).is_ok() {
+                log::debug!(
+                    "reset the lost session's connection, so that the server frees its port"
+                );
+            }
+        }
+    }
+}
+
 /// Ask the server to listen on the tunnel's port: `Ok(false)` when it refuses (the port is
 /// held by another session). Once granted, the round trip the in-flight budget starts from
 /// (channel/flight.rs): the kernel's for a direct connection (`kernel`), as it has timed the
@@ -105,9 +131,15 @@ async fn probe(
 }
 
 /// Connect, authenticate and request the forward. Every failure is classified.
-pub async fn establish(t: &TunnelConfig, fwd: Arc<Forwarder>) -> Result<Session, TunnelError> {
+/// `stale`, a lost session's connection, is reset as soon as the new one is answered.
+pub async fn establish(
+    t: &TunnelConfig,
+    fwd: Arc<Forwarder>,
+    stale: &mut Stale,
+) -> Result<Session, TunnelError> {
     let server = t.route();
     let tcp = open_tcp(t).await?;
+    stale.reset();
     // Kept to tear the session down (see `Session::socket`), and for the kernel's round trip
     // when the connection is direct (read after the forward request, below).
     let socket = tcp.as_fd().try_clone_to_owned().ok();
@@ -309,9 +341,19 @@ impl Session {
     /// with an error. A task stuck elsewhere stays stuck, but holds nothing that matters.
     fn tear_down(&mut self) {
         self.shared.tear_down();
-        if let Some(fd) = self.socket.take() {
-            let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+        if let Some(fd) = &self.socket {
+            let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// A lost session, torn down, giving up its connection's socket rather than closing it.
+    /// A session lost in a blackout is still open at the server, which holds the listen port
+    /// for it until a packet of ours reaches it, and the kernel's retransmissions of our FIN
+    /// back off to minutes apart. Kept, the socket can be reset (see [`Stale`]) the moment a
+    /// new connection shows the path is back.
+    pub fn abandon(mut self) -> Stale {
+        self.tear_down();
+        Stale(self.socket.take())
     }
 
     /// Stop taking new channels and give the listen port back to the server.

@@ -2,13 +2,14 @@
 //! systemd-style notify socket, local target services and a small SOCKS client.
 
 mod agent;
+mod delayline;
 mod netns;
 pub mod proxies;
 mod services;
 mod socks;
 mod sshd;
 
-pub use {agent::*, netns::*, services::*, socks::*, sshd::*};
+pub use {agent::*, delayline::*, netns::*, services::*, socks::*, sshd::*};
 
 use std::time::{Duration, Instant};
 
