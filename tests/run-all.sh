@@ -20,6 +20,8 @@ command -v danted >/dev/null || missing+=(dante-server)
 command -v openssl >/dev/null || missing+=(openssl)
 # The monitoring rules and dashboard are checked with promtool and a real Prometheus.
 command -v promtool >/dev/null || missing+=(prometheus)
+# packaging/check-vendor.sh applies vendor/russh.patch to the released crate.
+command -v patch >/dev/null || missing+=(patch)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq
