@@ -117,6 +117,9 @@ pub const REPEAT_LOG_LIMIT: u32 = 3;
 /// channel packet size.
 pub const SSH_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;
+/// A channel's consumed bytes are granted back to the server once this many add up (or once
+/// half its window is used up), as OpenSSH's client does: three packets (channel/window.rs).
+pub const GRANT_STEP: u64 = 3 * SSH_MAX_PACKET_SIZE as u64;
 /// Key re-exchange, initiated by us only past these bounds: twice OpenSSH's own bound for
 /// AES-GCM (2^32 blocks = 64 GiB; 1 GiB for chacha20-poly1305), so that the server, which
 /// rekeys at its bound, always starts it. russh 0.65 drops a session when more than twice the
@@ -177,8 +180,8 @@ const _: () = assert!(SSH_READ_BUFFER >= COALESCE_BYTES);
 pub const COALESCE_AFTER_READ: usize = 32 * 1024;
 pub const COALESCE_BYTES: usize = 256 * 1024;
 pub const COALESCE_WAIT: Duration = Duration::from_millis(1);
-// One channel alone must be able to fill the mark: russh re-opens a window when half of it is
-// used, so as little as half the window may be in flight. A mark above that makes a lone bulk
+// One channel alone must be able to fill the mark, with as little as half its window in
+// flight (channel/window.rs grants back once half is used up). A mark above that makes a lone bulk
 // channel wait for the fallback timer on every read (seen: a 256 KiB window ran at a sixth
 // of the speed).
 const _: () = assert!(2 * COALESCE_BYTES <= SSH_WINDOW_SIZE as usize / 2);

@@ -4,7 +4,9 @@
 //! are open.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use russh::client::WindowAdjuster;
 
 use tokio::sync::{watch, Notify, Semaphore, SemaphorePermit};
 
@@ -28,6 +30,11 @@ pub struct SessionShared {
     /// closing its target connection. A session whose task is stuck never drops its
     /// handler, so the channels' inputs would never close by themselves.
     pub torn_down: watch::Sender<bool>,
+    /// Re-opens the channels' receive windows (channel/window.rs); set once the session is
+    /// established, before any channel can open.
+    pub window: OnceLock<WindowAdjuster>,
+    /// The window the session's channels start with (channel/window.rs).
+    pub initial_window: u32,
 }
 
 impl Default for SessionShared {
@@ -40,6 +47,8 @@ impl Default for SessionShared {
             channels: Arc::new(OpenCount::default()),
             flight: FlightControl::default(),
             torn_down: watch::Sender::new(false),
+            window: OnceLock::new(),
+            initial_window: crate::constants::SSH_WINDOW_SIZE,
         }
     }
 }

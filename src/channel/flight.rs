@@ -89,6 +89,12 @@ impl FlightControl {
         self.round_trip_us.fetch_min(us, Ordering::Relaxed);
     }
 
+    /// The shortest round trip seen, if any.
+    pub fn rtt(&self) -> Option<Duration> {
+        let us = self.round_trip_us.load(Ordering::Relaxed);
+        (us != u64::MAX).then(|| Duration::from_micros(us))
+    }
+
     /// The server adjusted a channel's window, leaving `remaining`.
     pub fn adjusted(&self, acks: &Acks, remaining: u32) {
         let initial = self

@@ -24,6 +24,7 @@ use crate::session::Intake;
 use crate::spill::{Chunk, Spill};
 
 use super::flight::Acks;
+use super::window::Window;
 
 /// What the session hands a channel task.
 pub enum Inbound {
@@ -97,6 +98,9 @@ pub struct ChannelInput {
     pub(super) cut: Arc<Notify>,
     intake: Arc<Intake>,
     pub(super) acks: Arc<Acks>,
+    /// Re-opens the channel's window as the target takes the data (window.rs); `None` in
+    /// unit tests without a session.
+    window: Option<Window>,
 }
 
 /// A channel's `pending` bytes are counted in the session's [`Intake`] as [`counted`] says,
@@ -142,6 +146,7 @@ pub fn inbox(
             cut,
             intake,
             acks,
+            window: None,
         },
     )
 }
@@ -325,12 +330,24 @@ impl ChannelInput {
         self.take(m)
     }
 
-    /// Count bytes as delivered to the target.
-    pub(super) fn consumed(&self, n: usize) {
+    /// Count bytes as delivered to the target, and let the server send as many more.
+    pub(super) fn consumed(&mut self, n: usize) {
         let old = self.pending.fetch_sub(n as u64, Ordering::AcqRel);
         let new = old.saturating_sub(n as u64);
         self.intake
             .sub(counted(old, self.max_pending) - counted(new, self.max_pending));
+        if n > 0 {
+            let backlog = self.backlog();
+            if let Some(w) = &mut self.window {
+                w.consumed(n as u64, backlog);
+            }
+        }
+    }
+
+    /// Grant the channel's window through `window` as data is consumed.
+    pub fn with_window(mut self, window: Window) -> Self {
+        self.window = Some(window);
+        self
     }
 
     /// Bytes still waiting for the target, in memory and on disk.

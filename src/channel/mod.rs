@@ -5,9 +5,11 @@
 mod flight;
 mod inbox;
 mod splice;
+mod window;
 
 pub use flight::{Acks, FlightControl};
 pub use inbox::{inbox, ChannelInput, Inbound, Inbox};
+pub use window::{initial_window, Window};
 
 use std::io;
 use std::net::SocketAddr;

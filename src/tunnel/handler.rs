@@ -174,6 +174,16 @@ impl client::Handler for SessionHandler {
         );
         // russh's queue for the channel is emptied by the handler (see the module comment).
         let inbox = inbox.with_queue(read_half);
+        let input = match self.shared.window.get() {
+            Some(adjuster) => input.with_window(channel::Window::new(
+                adjuster.clone(),
+                id,
+                self.shared.initial_window,
+                settings.max_pending,
+                self.shared.flight.rtt(),
+            )),
+            None => input,
+        };
         // A channel we had to close first gets no `channel_close` callback from russh: drop
         // the inboxes of ended channels now and then (amortised over channel opens).
         if self.inboxes.len() >= self.prune_at {

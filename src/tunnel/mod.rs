@@ -25,7 +25,7 @@ use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
 use tokio::sync::oneshot;
 
-use crate::channel::{FlightControl, Forwarder};
+use crate::channel::{self, FlightControl, Forwarder};
 use crate::config::{fingerprint, TunnelConfig};
 use crate::constants::*;
 use crate::error::TunnelError;
@@ -150,8 +150,10 @@ pub async fn establish(
         reason: e.to_string(),
     })?;
 
+    let initial_window = channel::initial_window(fwd.settings().max_pending);
     let shared = Arc::new(SessionShared {
         flight: FlightControl::new(fwd.telemetry.metrics.in_flight_bytes.clone()),
+        initial_window,
         ..SessionShared::default()
     });
     let keepalive_window = t.keepalive_interval * t.keepalive_max.max(1);
@@ -168,7 +170,11 @@ pub async fn establish(
     };
     let transport = Transport::new(tcp, shared.clone());
     let handshake = async {
-        let mut handle = client::connect_stream(Arc::new(ssh_config(t)), transport, handler)
+        let config = client::Config {
+            window_size: initial_window,
+            ..ssh_config(t)
+        };
+        let mut handle = client::connect_stream(Arc::new(config), transport, handler)
             .await
             .map_err(|e| match e {
                 HandlerError::HostKeyMismatch { presented } => TunnelError::HostKeyMismatch {
@@ -181,6 +187,7 @@ pub async fn establish(
                     reason: e.to_string(),
                 },
             })?;
+        let _ = shared.window.set(handle.window_adjuster());
         authenticate(&mut handle, t).await?;
         let forwarding = request_forward(
             &handle,

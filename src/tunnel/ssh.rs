@@ -59,6 +59,8 @@ pub fn ssh_config(t: &TunnelConfig) -> client::Config {
         keepalive_interval: Some(t.keepalive_interval),
         keepalive_max: (t.keepalive_max as usize).saturating_sub(1).max(1),
         window_size: SSH_WINDOW_SIZE,
+        // Windows re-open as targets take the data (channel/window.rs, vendor/russh.patch).
+        manual_window_adjust: true,
         maximum_packet_size: SSH_MAX_PACKET_SIZE,
         nodelay: true,
         // russh's queue from channel writers to the session (in packets); see Backlog.
