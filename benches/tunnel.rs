@@ -124,49 +124,12 @@ async fn services() -> Services {
             });
         }
     });
-    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let source = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ports = Services {
+    Services {
         slow_sink: slow_sink_port,
-        sink: sink.local_addr().unwrap().port(),
-        source: source.local_addr().unwrap().port(),
+        sink: counting_sink("127.0.0.1").await,
+        source: sized_source("127.0.0.1").await,
         echo: echo_server().await.port(),
-    };
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = sink.accept().await {
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                let mut buf = vec![0u8; 256 << 10];
-                let mut n = 0u64;
-                while let Ok(k) = s.read(&mut buf).await {
-                    if k == 0 {
-                        break;
-                    }
-                    n += k as u64;
-                }
-                let _ = s.write_all(&n.to_be_bytes()).await;
-            });
-        }
-    });
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = source.accept().await {
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                let Ok(mut left) = s.read_u64().await else {
-                    return;
-                };
-                let block = vec![0x5au8; 256 << 10];
-                while left > 0 {
-                    let k = left.min(block.len() as u64) as usize;
-                    if s.write_all(&block[..k]).await.is_err() {
-                        return;
-                    }
-                    left -= k as u64;
-                }
-            });
-        }
-    });
-    ports
+    }
 }
 
 /// A client under test: the agent or `ssh -N -R`. Dropping it stops the client.

@@ -1,4 +1,5 @@
-//! Local targets: an echo service and a small HTTP server; the open-file limit.
+//! Local targets: an echo service, a bulk sink and source, a small HTTP server; the open-file
+//! limit.
 
 use std::net::SocketAddr;
 
@@ -44,6 +45,56 @@ pub async fn echo_server() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A bulk sink on `bind`: reads each connection to its end, then answers with the byte count
+/// (a big-endian u64). Its port.
+pub async fn counting_sink(bind: &str) -> u16 {
+    let sink = TcpListener::bind((bind, 0)).await.unwrap();
+    let port = sink.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; 256 << 10];
+                let mut n = 0u64;
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+/// A bulk source on `bind`: each connection sends a big-endian u64 and gets that many bytes,
+/// then the end. Its port.
+pub async fn sized_source(bind: &str) -> u16 {
+    let source = TcpListener::bind((bind, 0)).await.unwrap();
+    let port = source.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = source.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let Ok(mut left) = s.read_u64().await else {
+                    return;
+                };
+                let block = vec![0x5au8; 256 << 10];
+                while left > 0 {
+                    let k = left.min(block.len() as u64) as usize;
+                    if s.write_all(&block[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k as u64;
+                }
+            });
+        }
+    });
+    port
 }
 
 /// A minimal HTTP server answering every request with `body`.

@@ -197,13 +197,25 @@ impl Sshd {
     /// runs it (`ssh -N -R PORT`), with this server's host key pinned; `extra` options go
     /// before the destination.
     pub fn openssh_forward(&self, listen: u16, extra: &[&str]) -> Command {
+        self.openssh_forward_in(None, "127.0.0.1", listen, extra)
+    }
+
+    /// As [`Sshd::openssh_forward`], run inside network namespace `netns` and connecting to
+    /// the server at `host` (see [`DelayLine`](crate::DelayLine)).
+    pub fn openssh_forward_in(
+        &self,
+        netns: Option<&str>,
+        host: &str,
+        listen: u16,
+        extra: &[&str],
+    ) -> Command {
         let known = self.dir.path().join("known_hosts");
         std::fs::write(
             &known,
-            format!("[127.0.0.1]:{} {}\n", self.port, self.host_key),
+            format!("[{host}]:{} {}\n", self.port, self.host_key),
         )
         .unwrap();
-        let mut ssh = Command::new("ssh");
+        let mut ssh = command_in(netns, "ssh");
         ssh.args([
             "-N",
             "-o",
@@ -219,7 +231,7 @@ impl Sshd {
         .args(["-p", &self.port.to_string()])
         .args(["-R", &format!("127.0.0.1:{listen}")])
         .args(extra)
-        .arg(format!("{}@127.0.0.1", self.user))
+        .arg(format!("{}@{host}", self.user))
         .stdin(Stdio::null());
         ssh
     }

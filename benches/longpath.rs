@@ -1,0 +1,302 @@
+//! The agent against OpenSSH's own client (`ssh -N -R PORT`) across a long path, as a
+//! customer's is: the agent and its targets in one network namespace, sshd and the clients of
+//! the tunnel in another, joined by a line that passes IP packets after a delay and drops a
+//! share of them (tests/harness/src/delayline.rs; this kernel has no netem). Both clients
+//! through the same sshd, in alternating rounds; medians reported, and plain TCP across the
+//! same path as the ceiling.
+//!
+//!     cargo bench --bench longpath                        # 40 ms round trip, no loss
+//!     BENCH_RTT_MS=100 cargo bench --bench longpath       # 100 ms
+//!     BENCH_LOSS=1 cargo bench --bench longpath           # 1 % of packets lost each way
+//!     BENCH_ROUNDS=3 BENCH_BULK_MIB=256 ...               # the defaults
+//!
+//! Writes target/bench-longpath.json.
+
+use std::time::{Duration, Instant};
+
+use secoda_agent_harness::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The tunnel's listen port on the server's side (namespaces are private: no clash).
+const LISTEN: u16 = 10130;
+/// Paced ping-pong beside the downloads: one 100-byte exchange every this long.
+const PING_EVERY: Duration = Duration::from_millis(10);
+/// How long the two downloads and the ping run side by side.
+const MIXED_FOR: Duration = Duration::from_secs(10);
+
+fn env_f64(k: &str, default: f64) -> f64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Clone, Copy)]
+struct Ports {
+    sink: u16,
+    source: u16,
+    echo: u16,
+}
+
+#[derive(Default)]
+struct Round {
+    upload: f64,
+    download: f64,
+    mixed_bulk: f64,
+    mixed_p50: f64,
+    mixed_p99: f64,
+}
+
+fn main() {
+    raise_nofile();
+    let rtt_ms = env_f64("BENCH_RTT_MS", 40.0);
+    let loss_pct = env_f64("BENCH_LOSS", 0.0);
+    let rounds = env_f64("BENCH_ROUNDS", 3.0) as usize;
+    let bulk = (env_f64("BENCH_BULK_MIB", 256.0) as u64) << 20;
+    let line = DelayLine::new(
+        "lp",
+        Duration::from_secs_f64(rtt_ms / 2000.0),
+        loss_pct / 100.0,
+    );
+    let sshd = Sshd::start_in(
+        Some(&line.far.name),
+        &format!("ListenAddress {FAR_ADDR}\nMaxStartups 100\n"),
+    );
+
+    // The targets, in the agent's namespace, for the whole run (on all addresses: plain TCP
+    // reaches the sink from the far side).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _services = line.near.within(move || async move {
+        let ports = Ports {
+            sink: counting_sink("0.0.0.0").await,
+            source: sized_source("0.0.0.0").await,
+            echo: echo_server().await.port(),
+        };
+        tx.send(ports).unwrap();
+        std::future::pending::<()>().await
+    });
+    let ports = rx.recv().unwrap();
+
+    let far = |f: fn(Ports, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Round>>>| {
+        line.far.within(move || f(ports, bulk)).join().unwrap()
+    };
+    let tcp = line
+        .far
+        .within(move || async move { plain_tcp(ports.sink, bulk).await })
+        .join()
+        .unwrap();
+    eprintln!("plain TCP across the path: {tcp:.1} MiB/s");
+
+    let mut agent_rounds = Vec::new();
+    let mut ssh_rounds = Vec::new();
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for is_agent in order {
+            let (mut agent, mut ssh) = (None, None);
+            if is_agent {
+                let toml = sshd
+                    .agent_toml(LISTEN, "[forward]\nmax_connections = 2048\n")
+                    .replace("host = \"127.0.0.1\"", &format!("host = \"{FAR_ADDR}\""))
+                    .replace("keepalive_interval = \"2s\"\nkeepalive_max = 3\n", "");
+                agent = Some(Agent::start_in(Some(&line.near.name), &toml, &[], &[]));
+            } else {
+                let extra = [
+                    "-o",
+                    "ServerAliveInterval=15",
+                    "-o",
+                    "ServerAliveCountMax=4",
+                ];
+                ssh = Some(
+                    sshd.openssh_forward_in(Some(&line.near.name), FAR_ADDR, LISTEN, &extra)
+                        .spawn()
+                        .unwrap(),
+                );
+            }
+            let name = if is_agent { "agent" } else { "openssh" };
+            line.far.within(|| wait_listening(LISTEN)).join().unwrap();
+            eprintln!("round {} {name}", round + 1);
+            let r = far(|p, bulk| Box::pin(measure(p, bulk)));
+            eprintln!(
+                "  upload {:.1} download {:.1} mixed {:.1} MiB/s, ping p50 {:.1} p99 {:.1} ms",
+                r.upload, r.download, r.mixed_bulk, r.mixed_p50, r.mixed_p99
+            );
+            if is_agent {
+                agent_rounds.push(r);
+            } else {
+                ssh_rounds.push(r);
+            }
+            drop(agent);
+            if let Some(mut c) = ssh {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            // The server frees the port once the client's session is gone.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    type Pick = fn(&Round) -> f64;
+    let rows: [(&str, Pick); 5] = [
+        ("bulk upload, MiB/s (server -> target)", |r| r.upload),
+        ("bulk download, MiB/s (target -> server)", |r| r.download),
+        ("2 downloads + ping-pong: total bulk MiB/s", |r| {
+            r.mixed_bulk
+        }),
+        ("2 downloads + ping-pong: ping p50 ms", |r| r.mixed_p50),
+        ("2 downloads + ping-pong: ping p99 ms", |r| r.mixed_p99),
+    ];
+    println!(
+        "\nsecoda-agent vs OpenSSH client across a {rtt_ms} ms path with {loss_pct} % loss each way; \
+         medians of {rounds} alternating rounds; bulk {} MiB; plain TCP across the path {tcp:.1} MiB/s",
+        bulk >> 20
+    );
+    println!("\n| measure | agent | OpenSSH | agent / OpenSSH |\n| --- | ---: | ---: | ---: |");
+    let mut json = Vec::new();
+    for (name, pick) in rows {
+        let a = median(agent_rounds.iter().map(pick).collect());
+        let o = median(ssh_rounds.iter().map(pick).collect());
+        let ratio = if o > 0.0 { a / o } else { 0.0 };
+        println!("| {name} | {a:.2} | {o:.2} | {ratio:.2} |");
+        json.push(format!(
+            "{{\"measure\":\"{name}\",\"agent\":{a:.4},\"openssh\":{o:.4}}}"
+        ));
+    }
+    let out = format!(
+        "{{\"rtt_ms\":{rtt_ms},\"loss_pct\":{loss_pct},\"rounds\":{rounds},\"tcp_mibs\":{tcp:.2},\"rows\":[{}]}}\n",
+        json.join(",")
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-longpath.json");
+    std::fs::write(&path, out).unwrap();
+    println!("written: {}", path.display());
+    // The services' thread never ends.
+    std::process::exit(0);
+}
+
+async fn wait_listening(port: u16) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing listens on the server's port {port}");
+}
+
+async fn measure(p: Ports, bulk: u64) -> Round {
+    let mut r = Round {
+        upload: upload(p.sink, bulk).await,
+        download: download(p.source, bulk).await,
+        ..Round::default()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a = tokio::spawn(download_until(p.source, stop.clone()));
+    let b = tokio::spawn(download_until(p.source, stop.clone()));
+    let pings = tokio::spawn(pings_until(p.echo, stop.clone()));
+    tokio::time::sleep(MIXED_FOR).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    r.mixed_bulk = a.await.unwrap() + b.await.unwrap();
+    let mut lat = pings.await.unwrap();
+    lat.sort_by(f64::total_cmp);
+    r.mixed_p50 = lat[lat.len() / 2];
+    r.mixed_p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    r
+}
+
+/// The tunnel's client side to the target's sink: MiB/s.
+async fn upload(sink: u16, bulk: u64) -> f64 {
+    let (code, s) = socks5(LISTEN, "127.0.0.1", sink).await;
+    assert_eq!(code, 0);
+    send_counted(s.unwrap(), bulk).await
+}
+
+/// Straight across the path to the sink, no tunnel: the ceiling.
+async fn plain_tcp(sink: u16, bulk: u64) -> f64 {
+    let s = tokio::net::TcpStream::connect((NEAR_ADDR, sink))
+        .await
+        .unwrap();
+    send_counted(s, bulk).await
+}
+
+async fn send_counted(mut s: tokio::net::TcpStream, bulk: u64) -> f64 {
+    let block = vec![0xa5u8; 256 << 10];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < bulk {
+        s.write_all(&block).await.unwrap();
+        sent += block.len() as u64;
+    }
+    s.shutdown().await.unwrap();
+    assert_eq!(s.read_u64().await.unwrap(), sent);
+    sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The target's source to the tunnel's client side: MiB/s.
+async fn download(source: u16, bulk: u64) -> f64 {
+    let (code, s) = socks5(LISTEN, "127.0.0.1", source).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let t = Instant::now();
+    s.write_u64(bulk).await.unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    loop {
+        let k = s.read(&mut buf).await.unwrap();
+        if k == 0 {
+            break;
+        }
+        got += k as u64;
+    }
+    assert_eq!(got, bulk);
+    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn download_until(source: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> f64 {
+    let (code, s) = socks5(LISTEN, "127.0.0.1", source).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let t = Instant::now();
+    s.write_u64(u64::MAX).await.unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k as u64,
+        }
+    }
+    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn pings_until(echo: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<f64> {
+    let (code, s) = socks5(LISTEN, "127.0.0.1", echo).await;
+    assert_eq!(code, 0);
+    let mut s = s.unwrap();
+    let msg = [7u8; 100];
+    let mut back = [0u8; 100];
+    let mut lat = Vec::new();
+    let mut tick = tokio::time::interval(PING_EVERY);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tick.tick().await;
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
