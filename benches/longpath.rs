@@ -14,13 +14,11 @@
 
 use std::time::{Duration, Instant};
 
+use secoda_agent_harness::load::*;
 use secoda_agent_harness::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The tunnel's listen port on the server's side (namespaces are private: no clash).
 const LISTEN: u16 = 10130;
-/// Paced ping-pong beside the downloads: one 100-byte exchange every this long.
-const PING_EVERY: Duration = Duration::from_millis(10);
 /// How long the two downloads and the ping run side by side.
 const MIXED_FOR: Duration = Duration::from_secs(10);
 
@@ -77,9 +75,6 @@ fn main() {
     });
     let ports = rx.recv().unwrap();
 
-    let far = |f: fn(Ports, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Round>>>| {
-        line.far.within(move || f(ports, bulk)).join().unwrap()
-    };
     let tcp = line
         .far
         .within(move || async move { plain_tcp(ports.sink, bulk).await })
@@ -119,7 +114,11 @@ fn main() {
             let name = if is_agent { "agent" } else { "openssh" };
             line.far.within(|| wait_listening(LISTEN)).join().unwrap();
             eprintln!("round {} {name}", round + 1);
-            let r = far(|p, bulk| Box::pin(measure(p, bulk)));
+            let r = line
+                .far
+                .within(move || measure(ports, bulk))
+                .join()
+                .unwrap();
             eprintln!(
                 "  upload {:.1} download {:.1} mixed {:.1} MiB/s, ping p50 {:.1} p99 {:.1} ms",
                 r.upload, r.download, r.mixed_bulk, r.mixed_p50, r.mixed_p99
@@ -192,14 +191,14 @@ async fn wait_listening(port: u16) {
 
 async fn measure(p: Ports, bulk: u64) -> Round {
     let mut r = Round {
-        upload: upload(p.sink, bulk).await,
-        download: download(p.source, bulk).await,
+        upload: upload(LISTEN, p.sink, bulk).await,
+        download: download(LISTEN, p.source, bulk).await,
         ..Round::default()
     };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let a = tokio::spawn(download_until(p.source, stop.clone()));
-    let b = tokio::spawn(download_until(p.source, stop.clone()));
-    let pings = tokio::spawn(pings_until(p.echo, stop.clone()));
+    let a = tokio::spawn(download_until(LISTEN, p.source, stop.clone()));
+    let b = tokio::spawn(download_until(LISTEN, p.source, stop.clone()));
+    let pings = tokio::spawn(pings_until(LISTEN, p.echo, stop.clone()));
     tokio::time::sleep(MIXED_FOR).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     r.mixed_bulk = a.await.unwrap() + b.await.unwrap();
@@ -210,87 +209,12 @@ async fn measure(p: Ports, bulk: u64) -> Round {
     r
 }
 
-/// The tunnel's client side to the target's sink: MiB/s.
-async fn upload(sink: u16, bulk: u64) -> f64 {
-    let (code, s) = socks5(LISTEN, "127.0.0.1", sink).await;
-    assert_eq!(code, 0);
-    send_counted(s.unwrap(), bulk).await
-}
-
 /// Straight across the path to the sink, no tunnel: the ceiling.
 async fn plain_tcp(sink: u16, bulk: u64) -> f64 {
     let s = tokio::net::TcpStream::connect((NEAR_ADDR, sink))
         .await
         .unwrap();
     send_counted(s, bulk).await
-}
-
-async fn send_counted(mut s: tokio::net::TcpStream, bulk: u64) -> f64 {
-    let block = vec![0xa5u8; 256 << 10];
-    let t = Instant::now();
-    let mut sent = 0u64;
-    while sent < bulk {
-        s.write_all(&block).await.unwrap();
-        sent += block.len() as u64;
-    }
-    s.shutdown().await.unwrap();
-    assert_eq!(s.read_u64().await.unwrap(), sent);
-    sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-}
-
-/// The target's source to the tunnel's client side: MiB/s.
-async fn download(source: u16, bulk: u64) -> f64 {
-    let (code, s) = socks5(LISTEN, "127.0.0.1", source).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let t = Instant::now();
-    s.write_u64(bulk).await.unwrap();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    loop {
-        let k = s.read(&mut buf).await.unwrap();
-        if k == 0 {
-            break;
-        }
-        got += k as u64;
-    }
-    assert_eq!(got, bulk);
-    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-}
-
-async fn download_until(source: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> f64 {
-    let (code, s) = socks5(LISTEN, "127.0.0.1", source).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let t = Instant::now();
-    s.write_u64(u64::MAX).await.unwrap();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(k) => got += k as u64,
-        }
-    }
-    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-}
-
-async fn pings_until(echo: u16, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<f64> {
-    let (code, s) = socks5(LISTEN, "127.0.0.1", echo).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let msg = [7u8; 100];
-    let mut back = [0u8; 100];
-    let mut lat = Vec::new();
-    let mut tick = tokio::time::interval(PING_EVERY);
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        tick.tick().await;
-        let t = Instant::now();
-        s.write_all(&msg).await.unwrap();
-        s.read_exact(&mut back).await.unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    lat
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

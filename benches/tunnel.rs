@@ -14,6 +14,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use secoda_agent_harness::load::*;
 use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -95,8 +96,6 @@ struct Services {
 /// The slow target's pace, MiB/s, and what is sent to it.
 const SLOW_SINK_MIBS: u64 = 16;
 const SLOW_UPLOAD: u64 = 256 << 20;
-/// Paced ping-pong: one 100-byte exchange every this long.
-const PING_EVERY: Duration = Duration::from_millis(10);
 
 async fn services() -> Services {
     let slow_sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -328,60 +327,6 @@ async fn measure(c: &Client, listen: u16, svc: &Services, sc: &Scale) -> Round {
     r
 }
 
-/// One channel, a 100-byte exchange every `PING_EVERY`, until `done` (given the count so far)
-/// says so: the latencies, ms.
-async fn paced_pings(listen: u16, echo: u16, done: impl Fn(usize) -> bool) -> Vec<f64> {
-    let (code, s) = socks5(listen, "127.0.0.1", echo).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let msg = [7u8; 100];
-    let mut back = [0u8; 100];
-    let mut lat = Vec::new();
-    let mut tick = tokio::time::interval(PING_EVERY);
-    while !done(lat.len()) {
-        tick.tick().await;
-        let t = Instant::now();
-        s.write_all(&msg).await.unwrap();
-        s.read_exact(&mut back).await.unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    lat
-}
-
-/// Paced pings until `stop` is set.
-async fn pings_until(
-    listen: u16,
-    echo: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<f64> {
-    paced_pings(listen, echo, move |_| {
-        stop.load(std::sync::atomic::Ordering::Relaxed)
-    })
-    .await
-}
-
-/// Downloads until `stop` is set: MiB/s.
-async fn download_until(
-    listen: u16,
-    source: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> f64 {
-    let (code, s) = socks5(listen, "127.0.0.1", source).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let t = Instant::now();
-    s.write_u64(u64::MAX).await.unwrap();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(k) => got += k as u64,
-        }
-    }
-    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-}
-
 /// A download alone for `d`, MiB/s.
 async fn download_for(listen: u16, source: u16, d: Duration) -> f64 {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -459,11 +404,11 @@ async fn bulk(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) 
     let (cpu0, machine0, sshd0) = (cpu_secs(pid), machine_cpu_secs(), sshd_cpu_secs());
     let mut moved = 0;
     if sc.runs("upload") {
-        r.upload_mibs = upload(listen, svc, sc).await;
+        r.upload_mibs = upload(listen, svc.sink, sc.bulk).await;
         moved += sc.bulk;
     }
     if sc.runs("download") {
-        r.download_mibs = download(listen, svc, sc).await;
+        r.download_mibs = download(listen, svc.source, sc.bulk).await;
         moved += sc.bulk;
     }
     if moved > 0 {
@@ -472,43 +417,6 @@ async fn bulk(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round) 
         r.machine_cpu_s_per_gib = (machine_cpu_secs() - machine0) / gib;
         r.sshd_cpu_s_per_gib = (sshd_cpu_secs() - sshd0) / gib;
     }
-}
-
-/// Server -> target, MiB/s.
-async fn upload(listen: u16, svc: &Services, sc: &Scale) -> f64 {
-    let (code, s) = socks5(listen, "127.0.0.1", svc.sink).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let block = vec![0xa5u8; 256 << 10];
-    let t = Instant::now();
-    let mut sent = 0u64;
-    while sent < sc.bulk {
-        s.write_all(&block).await.unwrap();
-        sent += block.len() as u64;
-    }
-    s.shutdown().await.unwrap();
-    assert_eq!(s.read_u64().await.unwrap(), sent);
-    sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-}
-
-/// Target -> server, MiB/s.
-async fn download(listen: u16, svc: &Services, sc: &Scale) -> f64 {
-    let (code, s) = socks5(listen, "127.0.0.1", svc.source).await;
-    assert_eq!(code, 0);
-    let mut s = s.unwrap();
-    let t = Instant::now();
-    s.write_u64(sc.bulk).await.unwrap();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    loop {
-        let k = s.read(&mut buf).await.unwrap();
-        if k == 0 {
-            break;
-        }
-        got += k as u64;
-    }
-    assert_eq!(got, sc.bulk);
-    got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
 }
 
 /// Connection setup and request/response latency.

@@ -100,13 +100,13 @@ fn both_ways(line: &DelayLine, sum_port: u16, gen_port: u16, len: usize) {
     assert!(down, "the download arrived altered or short");
 }
 
-#[tokio::test]
-async fn bulk_both_ways_across_40_ms_arrives_byte_exact() {
-    let line = DelayLine::new("lpx", Duration::from_millis(20), 0.0);
+/// `len` bytes each way across 40 ms losing `loss` of the packets: byte-exact, no session lost.
+async fn bulk_across(tag: &str, loss: f64, len: usize) {
+    let line = DelayLine::new(tag, Duration::from_millis(20), loss);
     let (_sshd, agent) = tunnel_across(&line, "");
     agent.wait_ready().await;
     let (sum_port, gen_port, _) = near_services(&line, None);
-    both_ways(&line, sum_port, gen_port, 256 << 20);
+    both_ways(&line, sum_port, gen_port, len);
     assert!(
         !agent.output().contains("tunnel lost"),
         "{}",
@@ -115,17 +115,13 @@ async fn bulk_both_ways_across_40_ms_arrives_byte_exact() {
 }
 
 #[tokio::test]
+async fn bulk_both_ways_across_40_ms_arrives_byte_exact() {
+    bulk_across("lpx", 0.0, 256 << 20).await;
+}
+
+#[tokio::test]
 async fn bulk_both_ways_across_40_ms_with_loss_arrives_byte_exact() {
-    let line = DelayLine::new("lpl", Duration::from_millis(20), 0.01);
-    let (_sshd, agent) = tunnel_across(&line, "");
-    agent.wait_ready().await;
-    let (sum_port, gen_port, _) = near_services(&line, None);
-    both_ways(&line, sum_port, gen_port, 64 << 20);
-    assert!(
-        !agent.output().contains("tunnel lost"),
-        "{}",
-        agent.output()
-    );
+    bulk_across("lpl", 0.01, 64 << 20).await;
 }
 
 /// Resident memory of a process, KiB.

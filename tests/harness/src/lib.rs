@@ -3,6 +3,7 @@
 
 mod agent;
 mod delayline;
+pub mod load;
 mod netns;
 pub mod proxies;
 mod services;
