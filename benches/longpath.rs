@@ -9,6 +9,7 @@
 //!     BENCH_RTT_MS=100 cargo bench --bench longpath       # 100 ms
 //!     BENCH_LOSS=1 cargo bench --bench longpath           # 1 % of packets lost each way
 //!     BENCH_ROUNDS=3 BENCH_BULK_MIB=256 ...               # the defaults
+//!     BENCH_LOG=debug ...                                 # print the agent's window lines
 //!
 //! Writes target/bench-longpath.json.
 
@@ -97,6 +98,11 @@ fn main() {
                     .agent_toml(LISTEN, "[forward]\nmax_connections = 2048\n")
                     .replace("host = \"127.0.0.1\"", &format!("host = \"{FAR_ADDR}\""))
                     .replace("keepalive_interval = \"2s\"\nkeepalive_max = 3\n", "");
+                // BENCH_LOG=debug: the agent's debug lines about windows are printed.
+                let toml = match std::env::var("BENCH_LOG") {
+                    Ok(level) => format!("{toml}[log]\nlevel = \"{level}\"\n"),
+                    Err(_) => toml,
+                };
                 agent = Some(Agent::start_in(Some(&line.near.name), &toml, &[], &[]));
             } else {
                 let extra = [
@@ -127,6 +133,15 @@ fn main() {
                 agent_rounds.push(r);
             } else {
                 ssh_rounds.push(r);
+            }
+            if let Some(a) = &agent {
+                for l in a
+                    .output()
+                    .lines()
+                    .filter(|l| l.contains("window") || l.contains("round trip"))
+                {
+                    eprintln!("  agent: {l}");
+                }
             }
             drop(agent);
             if let Some(mut c) = ssh {

@@ -9,7 +9,9 @@
 //! so the whole window stays in flight on a long path. The window starts at `SSH_WINDOW_SIZE`
 //! (or `max_pending`, if smaller: see [`initial_window`]) and grows (doubling, up to the channel's `max_pending`) while it is what bounds the
 //! channel, as Linux sizes a TCP receive buffer: in a round trip the target took at least
-//! three quarters of the window and kept up (little backlog). On loopback a round trip never
+//! three quarters of the window and kept up (less than a quarter of it waiting: data arrives
+//! in the transport's 256 KiB batches, so an eighth of a 2 MiB window was too tight and the
+//! window grew in one 100 ms run and not in the next). On loopback a round trip never
 //! carries that much, so the window stays OpenSSH's. A channel's backlog thus stays within
 //! its window, and so within `max_pending`, in memory: a server that keeps to the windows
 //! never fills a spill file (it remains for one that does not, and for channels whose
@@ -105,11 +107,16 @@ impl Grants {
             let elapsed = now.saturating_duration_since(self.since);
             if elapsed >= rtt {
                 let per_rtt = u128::from(self.taken) * rtt.as_nanos() / elapsed.as_nanos();
-                let bound = per_rtt >= u128::from(self.size) * 3 / 4 && backlog < self.size / 8;
+                let bound = per_rtt >= u128::from(self.size) * 3 / 4 && backlog < self.size / 4;
                 if bound && self.size < self.max {
                     let more = self.size.min(self.max - self.size);
                     self.size += more;
                     grant += more;
+                    log::debug!(
+                        "a channel's window grows to {} KiB: a round trip of {rtt:?} carried {} KiB",
+                        self.size >> 10,
+                        per_rtt >> 10
+                    );
                 }
                 self.since = now;
                 self.taken = 0;
