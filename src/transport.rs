@@ -306,9 +306,12 @@ impl AsyncRead for Transport {
             }
             let this = &mut *self;
             let mut rb = ReadBuf::new(&mut this.rbuf);
+            // A burst's tail, read once the mark dropped: ACK it at once too (below).
+            let mut tail = false;
             let n = match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => rb.filled().len(),
                 Poll::Pending if this.coalesce.poll_wait(&this.tcp, cx) => {
+                    tail = true;
                     // The mark just dropped: read what waits below it now, past tokio's
                     // readiness (cleared, and on an older kernel nothing would set it). It
                     // all fits: the buffer holds a whole mark's worth.
@@ -325,7 +328,12 @@ impl AsyncRead for Transport {
             this.coalesce.after_read(&this.tcp, n);
             if n > 0 {
                 this.session.received.fetch_add(n as u64, Ordering::Relaxed);
-                if n < QUICKACK_BELOW && !this.coalesce.on {
+                // A burst's tail too: the kernel ACKs every other full segment, but a tail
+                // shorter than one waits for the delayed ACK (40 ms), and sshd's Nagle holds
+                // a small packet (another channel's ping) until it comes. With per-channel
+                // windows a slow target's data arrives as such bursts all the time (the
+                // others' ping p99 beside it was 40 ms).
+                if (n < QUICKACK_BELOW && !this.coalesce.on) || tail {
                     match &this.acker {
                         Some(acker) => acker.due.notify_one(),
                         // Best effort: a failure only costs latency.
