@@ -57,10 +57,7 @@ fn main() {
         Duration::from_secs_f64(rtt_ms / 2000.0),
         loss_pct / 100.0,
     );
-    let sshd = Sshd::start_in(
-        Some(&line.far.name),
-        &format!("ListenAddress {FAR_ADDR}\nMaxStartups 100\n"),
-    );
+    let sshd = line.sshd("MaxStartups 100\n");
 
     // The targets, in the agent's namespace, for the whole run (on all addresses: plain TCP
     // reaches the sink from the far side).
@@ -95,8 +92,7 @@ fn main() {
             let (mut agent, mut ssh) = (None, None);
             if is_agent {
                 let toml = sshd
-                    .agent_toml(LISTEN, "[forward]\nmax_connections = 2048\n")
-                    .replace("host = \"127.0.0.1\"", &format!("host = \"{FAR_ADDR}\""))
+                    .agent_toml_at(FAR_ADDR, LISTEN, "[forward]\nmax_connections = 2048\n")
                     .replace("keepalive_interval = \"2s\"\nkeepalive_max = 3\n", "");
                 // BENCH_LOG=debug: the agent's debug lines about windows are printed.
                 let toml = match std::env::var("BENCH_LOG") {

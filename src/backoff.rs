@@ -40,7 +40,7 @@ impl Backoff {
             .fast_since
             .is_some_and(|t| t.elapsed() < FAST_RETRY_WINDOW)
         {
-            return FAST_RETRY_MAX.mul_f64(0.5 + self.unit() / 2.0);
+            return self.half_to_full(FAST_RETRY_MAX);
         }
         let cap = BACKOFF_INITIAL
             .saturating_mul(1u32 << self.attempt.min(16))
@@ -51,13 +51,13 @@ impl Backoff {
 
     /// After an attempt that nothing answered (see `PROBE_DELAY_MAX`).
     pub fn probe_delay(&mut self) -> Duration {
-        PROBE_DELAY_MAX.mul_f64(0.5 + self.unit() / 2.0)
+        self.half_to_full(PROBE_DELAY_MAX)
     }
 
     /// For failures that only an operator can fix (a host key mismatch): wait at the ceiling.
     pub fn ceiling_delay(&mut self) -> Duration {
         self.attempt = self.attempt.saturating_add(1);
-        BACKOFF_CEILING.mul_f64(0.5 + self.unit() / 2.0)
+        self.half_to_full(BACKOFF_CEILING)
     }
 
     pub fn reset(&mut self) {
@@ -79,6 +79,11 @@ impl Backoff {
     /// pair started together) drift apart.
     pub fn around(&mut self, d: Duration) -> Duration {
         d.mul_f64(0.75 + self.unit() / 2.0)
+    }
+
+    /// Uniform in [d/2, d].
+    fn half_to_full(&mut self, d: Duration) -> Duration {
+        d.mul_f64(0.5 + self.unit() / 2.0)
     }
 
     /// xorshift64*: uniform in [0, 1).

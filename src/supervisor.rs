@@ -138,7 +138,8 @@ impl Supervisor {
                     log::info!(
                         tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
                         "standing by: connected to {} as {}, but the server's port {addr}:{port} is held by another session (another host running this tunnel, or a session the server has not timed out yet); asking for it every {retry:?}", session.server, self.cfg.tunnel.user);
-                    self.standby_retry_at = self.next_standby_retry();
+                    self.standby_retry_at =
+                        next_standby_retry(&mut self.backoff, self.quick_standby_until, retry);
                     self.session = Some(session);
                     self.opts.telemetry.standby();
                 } else {
@@ -230,15 +231,6 @@ impl Supervisor {
             delay.as_secs_f64().ceil()
         ));
         self.pause(delay).await
-    }
-
-    /// When to ask for the port again while standing by.
-    fn next_standby_retry(&mut self) -> tokio::time::Instant {
-        next_standby_retry(
-            &mut self.backoff,
-            self.quick_standby_until,
-            self.cfg.tunnel.standby_retry,
-        )
     }
 
     /// Sleep before the next attempt, still answering signals.

@@ -16,11 +16,11 @@
 //!    the pending ACK within the system call, so it is left to a small task of its own
 //!    ([`Acker`]) that tokio runs after the channel task the packet woke: the ACK follows the
 //!    packet's write to its target instead of delaying it.
-//! 3. **Reading no faster than the channels deliver.** russh re-opens a channel's SSH window
-//!    as data arrives, not as it is consumed, so the window bounds nothing: with many busy
-//!    channels the data queued for targets grew without bound (docs/performance.md). While
+//! 3. **Reading no faster than the channels deliver.** Each channel's window bounds its own
+//!    backlog (channel/window.rs), but many busy channels together still hold a window each;
+//!    this bounds the total. While
 //!    more than `INTAKE_HIGH` counted bytes wait for targets (what counts: channel/inbox.rs;
-//!    a slow target's own backlog goes to its spill file instead), the transport stops
+//!    only the first 256 KiB of each channel's backlog), the transport stops
 //!    reading the socket and TCP holds the server back. Pausing must never stall the tunnel
 //!    behind targets that stopped reading: if a pause sees no progress at all within
 //!    `INTAKE_PAUSE_MAX`, pausing is off until the queue is below half the mark again (a

@@ -101,12 +101,10 @@ async fn a_black_holed_server_is_declared_dead_and_the_tunnel_returns() {
 #[tokio::test]
 async fn after_a_long_blackout_the_tunnel_is_back_within_seconds_of_the_path() {
     let line = DelayLine::new("bo", Duration::from_millis(20), 0.0);
-    let sshd = Sshd::start_in(Some(&line.far.name), &format!("ListenAddress {FAR_ADDR}\n"));
+    let sshd = line.sshd("");
     let listen = 10128;
     // keepalive 2s x 3: the session is given up 6-8 s into the blackout.
-    let toml = sshd
-        .agent_toml(listen, "")
-        .replace("host = \"127.0.0.1\"", &format!("host = \"{FAR_ADDR}\""));
+    let toml = sshd.agent_toml_at(FAR_ADDR, listen, "");
     let agent = Agent::start_in(Some(&line.near.name), &toml, &[], &[]);
     agent.wait_ready().await;
     std::fs::write(agent.dir.path().join("index.html"), "back").unwrap();

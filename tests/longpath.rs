@@ -11,10 +11,8 @@ const LISTEN: u16 = 10131;
 
 /// sshd on the far side, the agent (default keepalives) on the near side.
 fn tunnel_across(line: &DelayLine, forward: &str) -> (Sshd, Agent) {
-    let sshd = Sshd::start_in(Some(&line.far.name), &format!("ListenAddress {FAR_ADDR}\n"));
-    let toml = sshd
-        .agent_toml(LISTEN, forward)
-        .replace("host = \"127.0.0.1\"", &format!("host = \"{FAR_ADDR}\""));
+    let sshd = line.sshd("");
+    let toml = sshd.agent_toml_at(FAR_ADDR, LISTEN, forward);
     let agent = Agent::start_in(Some(&line.near.name), &toml, &[], &[]);
     (sshd, agent)
 }

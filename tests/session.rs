@@ -617,20 +617,7 @@ async fn a_stalled_target_is_cut_after_stall_timeout_and_its_backlog_goes() {
 /// 100 MiB through the tunnel to a sink that counts bytes until EOF and answers with the
 /// count: every byte must arrive.
 async fn move_100_mib(listen: u16, seed: u64) {
-    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sink_port = sink.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (mut s, _) = sink.accept().await.unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0u64;
-        while let Ok(k) = s.read(&mut buf).await {
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        s.write_all(n.to_string().as_bytes()).await.unwrap();
-    });
+    let sink_port = counting_sink("127.0.0.1").await;
     let (code, s) = socks5(listen, "127.0.0.1", sink_port).await;
     assert_eq!(code, 0);
     let mut bulk = s.unwrap();
@@ -639,9 +626,7 @@ async fn move_100_mib(listen: u16, seed: u64) {
         bulk.write_all(&chunk).await.unwrap();
     }
     bulk.shutdown().await.unwrap();
-    let mut answer = String::new();
-    bulk.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(answer, (100u64 << 20).to_string());
+    assert_eq!(bulk.read_u64().await.unwrap(), 100u64 << 20);
 }
 
 /// Two bulk downloads with a ping-pong beside them: while replies flow, what the agent has

@@ -1,9 +1,11 @@
 //! A channel's input: what the SSH session pushes for the channel's target, without ever
-//! waiting (see `tunnel/handler.rs`), so a slow target only grows its own channel's backlog: in memory
-//! up to `max_pending`, then in a spill file up to `max_spill` (spill.rs). Beyond both, the
-//! channel's bytes count fully toward the session's intake, which pauses reading the SSH
-//! socket (transport.rs) until that target catches up; at twice `max_pending` in memory it is
-//! cut.
+//! waiting (see `tunnel/handler.rs`). The channel's window (window.rs) is re-opened only as the
+//! target takes the data, so a slow target's backlog stays within its window, in memory.
+//! Should a server send past the window (or a reload lower `max_pending` under an open
+//! channel), what passes `max_pending` goes to a spill file up to `max_spill` (spill.rs);
+//! beyond both, the channel's bytes count fully toward the session's intake, which pauses
+//! reading the SSH socket (transport.rs) until that target catches up; at twice
+//! `max_pending` in memory it is cut.
 
 use std::future::Future;
 use std::io;
@@ -336,7 +338,7 @@ impl ChannelInput {
         let new = old.saturating_sub(n as u64);
         self.intake
             .sub(counted(old, self.max_pending) - counted(new, self.max_pending));
-        if n > 0 {
+        if n > 0 && self.window.is_some() {
             let backlog = self.backlog();
             if let Some(w) = &mut self.window {
                 w.consumed(n as u64, backlog);

@@ -55,7 +55,7 @@ impl Window {
 
     /// The target took `n` bytes; `backlog` still wait for it (memory and spill file).
     pub fn consumed(&mut self, n: u64, backlog: u64) {
-        if let Some(grant) = self.grants.grant(n, backlog, Instant::now()) {
+        if let Some(grant) = self.grants.grant(n, backlog, Instant::now) {
             // The session may be gone; its channels end with it.
             let _ = self
                 .adjuster
@@ -92,8 +92,9 @@ impl Grants {
         }
     }
 
-    /// How much to grant now, if anything.
-    fn grant(&mut self, n: u64, backlog: u64, now: Instant) -> Option<u64> {
+    /// How much to grant now, if anything. The clock is read only when a grant is due and
+    /// the round trip is known (this runs for every write to the target).
+    fn grant(&mut self, n: u64, backlog: u64, now: impl FnOnce() -> Instant) -> Option<u64> {
         self.owed += n;
         self.taken += n;
         // What the server may still send or have in flight: the window less what waits here
@@ -104,6 +105,7 @@ impl Grants {
         }
         let mut grant = std::mem::take(&mut self.owed);
         if let Some(rtt) = self.rtt {
+            let now = now();
             let elapsed = now.saturating_duration_since(self.since);
             if elapsed >= rtt {
                 let per_rtt = u128::from(self.taken) * rtt.as_nanos() / elapsed.as_nanos();
@@ -146,9 +148,9 @@ mod tests {
         let mut w = window(8 << 20, None);
         let now = Instant::now();
         // A target that keeps up: nothing waits, grants come every GRANT_STEP.
-        assert_eq!(w.grant(GRANT_STEP - 1, 0, now), None);
-        assert_eq!(w.grant(1, 0, now), Some(GRANT_STEP));
-        assert_eq!(w.grant(1000, 0, now), None);
+        assert_eq!(w.grant(GRANT_STEP - 1, 0, || now), None);
+        assert_eq!(w.grant(1, 0, || now), Some(GRANT_STEP));
+        assert_eq!(w.grant(1000, 0, || now), None);
     }
 
     #[test]
@@ -156,7 +158,7 @@ mod tests {
         let mut w = window(8 << 20, None);
         let size = w.size;
         // Little consumed, but most of the window waits here: grant what was taken.
-        assert_eq!(w.grant(100, size / 2 + 1, Instant::now()), Some(100));
+        assert_eq!(w.grant(100, size / 2 + 1, Instant::now), Some(100));
     }
 
     #[test]
@@ -169,7 +171,7 @@ mod tests {
         // grows, however fast the bytes go.
         for _ in 0..100 {
             now += rtt;
-            assert_eq!(w.grant(size, size - GRANT_STEP, now), Some(size));
+            assert_eq!(w.grant(size, size - GRANT_STEP, || now), Some(size));
         }
         assert_eq!(w.size, size);
     }
@@ -182,22 +184,22 @@ mod tests {
         let mut now = Instant::now();
         // Half a window per round trip: not what bounds the channel.
         now += rtt;
-        assert_eq!(w.grant(size / 2, 0, now), Some(size / 2));
+        assert_eq!(w.grant(size / 2, 0, || now), Some(size / 2));
         assert_eq!(w.size, size);
         // A whole window per round trip, nothing waiting: doubles, granting the growth too.
         now += rtt;
-        assert_eq!(w.grant(size, 0, now), Some(2 * size));
+        assert_eq!(w.grant(size, 0, || now), Some(2 * size));
         assert_eq!(w.size, 2 * size);
         for _ in 0..10 {
             now += rtt;
             let s = w.size;
-            w.grant(s, 0, now);
+            w.grant(s, 0, || now);
         }
         assert_eq!(w.size, 8 << 20);
         // No round trip known (or loopback, where a round trip never carries a window):
         // never grows.
         let mut short = window(8 << 20, None);
-        short.grant(size, 0, now + rtt);
+        short.grant(size, 0, || now + rtt);
         assert_eq!(short.size, size);
     }
 }

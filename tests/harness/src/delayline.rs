@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::NetNs;
+use super::{NetNs, Sshd};
 
 /// The near end's address (the agent's side).
 pub const NEAR_ADDR: &str = "10.201.0.1";
@@ -74,6 +74,14 @@ impl DelayLine {
             stop,
             threads,
         }
+    }
+
+    /// An sshd on the far side, listening on `FAR_ADDR` (for [`Sshd::agent_toml_at`]).
+    pub fn sshd(&self, extra_config: &str) -> Sshd {
+        Sshd::start_in(
+            Some(&self.far.name),
+            &format!("ListenAddress {FAR_ADDR}\n{extra_config}"),
+        )
     }
 
     /// While on, every packet in either direction is dropped (a cut cable, a dead route).

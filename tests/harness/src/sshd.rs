@@ -258,13 +258,18 @@ impl Sshd {
     /// are 2 s x 3, so that a dead server is seen quickly, unless `extra` sets
     /// `keepalive_interval` itself (its keys before any section header belong to `[tunnel]`).
     pub fn agent_toml(&self, listen_port: u16, extra: &str) -> String {
+        self.agent_toml_at("127.0.0.1", listen_port, extra)
+    }
+
+    /// As [`Sshd::agent_toml`], for a server reached at `host` (across a [`DelayLine`](crate::DelayLine)).
+    pub fn agent_toml_at(&self, host: &str, listen_port: u16, extra: &str) -> String {
         let keepalive = if extra.contains("keepalive_interval") {
             ""
         } else {
             "keepalive_interval = \"2s\"\nkeepalive_max = 3\n"
         };
         format!(
-            "[tunnel]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nlisten_port = {listen_port}\n\
+            "[tunnel]\nhost = \"{host}\"\nport = {}\nuser = \"{}\"\nlisten_port = {listen_port}\n\
              listen_address = \"127.0.0.1\"\nkey_file = \"{}\"\nhost_keys = [\"{}\"]\n\
              {keepalive}{extra}",
             self.port,
