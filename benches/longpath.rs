@@ -8,6 +8,7 @@
 //!     cargo bench --bench longpath                        # 40 ms round trip, no loss
 //!     BENCH_RTT_MS=100 cargo bench --bench longpath       # 100 ms
 //!     BENCH_LOSS=1 cargo bench --bench longpath           # 1 % of packets lost each way
+//!     BENCH_HOP=1 cargo bench --bench longpath            # through a hop that terminates TCP
 //!     BENCH_ROUNDS=3 BENCH_BULK_MIB=256 ...               # the defaults
 //!     BENCH_LOG=debug ...                                 # print the agent's window lines
 //!
@@ -58,6 +59,14 @@ fn main() {
         loss_pct / 100.0,
     );
     let sshd = line.sshd("MaxStartups 100\n");
+    // BENCH_HOP=1: both clients reach sshd through a relay next to them that terminates TCP
+    // (a transparent proxy, a TCP load balancer): their kernels see the hop's round trip.
+    let hop = env_f64("BENCH_HOP", 0.0) != 0.0;
+    let server = if hop {
+        ("127.0.0.1", line.hop(sshd.port))
+    } else {
+        (FAR_ADDR, sshd.port)
+    };
 
     // The targets, in the agent's namespace, for the whole run (on all addresses: plain TCP
     // reaches the sink from the far side).
@@ -92,7 +101,7 @@ fn main() {
             let (mut agent, mut ssh) = (None, None);
             if is_agent {
                 let toml = sshd
-                    .agent_toml_at(FAR_ADDR, LISTEN, "[forward]\nmax_connections = 2048\n")
+                    .agent_toml_at(server, LISTEN, "[forward]\nmax_connections = 2048\n")
                     .replace("keepalive_interval = \"2s\"\nkeepalive_max = 3\n", "");
                 // BENCH_LOG=debug: the agent's debug lines about windows are printed.
                 let toml = match std::env::var("BENCH_LOG") {
@@ -108,7 +117,7 @@ fn main() {
                     "ServerAliveCountMax=4",
                 ];
                 ssh = Some(
-                    sshd.openssh_forward_in(Some(&line.near.name), FAR_ADDR, LISTEN, &extra)
+                    sshd.openssh_forward_in(Some(&line.near.name), server, LISTEN, &extra)
                         .spawn()
                         .unwrap(),
                 );
@@ -160,8 +169,9 @@ fn main() {
         ("2 downloads + ping-pong: ping p99 ms", |r| r.mixed_p99),
     ];
     println!(
-        "\nsecoda-agent vs OpenSSH client across a {rtt_ms} ms path with {loss_pct} % loss each way; \
+        "\nsecoda-agent vs OpenSSH client across a {rtt_ms} ms path with {loss_pct} % loss each way{}; \
          medians of {rounds} alternating rounds; bulk {} MiB; plain TCP across the path {tcp:.1} MiB/s",
+        if hop { ", through a hop that terminates TCP" } else { "" },
         bulk >> 20
     );
     println!("\n| measure | agent | OpenSSH | agent / OpenSSH |\n| --- | ---: | ---: | ---: |");
@@ -176,7 +186,7 @@ fn main() {
         ));
     }
     let out = format!(
-        "{{\"rtt_ms\":{rtt_ms},\"loss_pct\":{loss_pct},\"rounds\":{rounds},\"tcp_mibs\":{tcp:.2},\"rows\":[{}]}}\n",
+        "{{\"rtt_ms\":{rtt_ms},\"loss_pct\":{loss_pct},\"hop\":{hop},\"rounds\":{rounds},\"tcp_mibs\":{tcp:.2},\"rows\":[{}]}}\n",
         json.join(",")
     );
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-longpath.json");

@@ -127,7 +127,7 @@ pub struct Metrics {
     pub spill_bytes: Gauge,
     /// `[forward] max_spill`, what one channel's spill file may hold (Forwarder keeps it).
     pub spill_limit_bytes: Gauge,
-    /// Bytes sent towards the server that it has not yet passed on (channel/flight.rs).
+    /// Bytes sent towards the server that it has not yet passed on (session/flight.rs).
     pub in_flight_bytes: Gauge,
     opened: Family<OutcomeLabels, Counter>,
     pub bytes_to_target: Counter,

@@ -104,7 +104,7 @@ async fn after_a_long_blackout_the_tunnel_is_back_within_seconds_of_the_path() {
     let sshd = line.sshd("");
     let listen = 10128;
     // keepalive 2s x 3: the session is given up 6-8 s into the blackout.
-    let toml = sshd.agent_toml_at(FAR_ADDR, listen, "");
+    let toml = sshd.agent_toml_at((FAR_ADDR, sshd.port), listen, "");
     let agent = Agent::start_in(Some(&line.near.name), &toml, &[], &[]);
     agent.wait_ready().await;
     std::fs::write(agent.dir.path().join("index.html"), "back").unwrap();

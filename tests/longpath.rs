@@ -12,7 +12,7 @@ const LISTEN: u16 = 10131;
 /// sshd on the far side, the agent (default keepalives) on the near side.
 fn tunnel_across(line: &DelayLine, forward: &str) -> (Sshd, Agent) {
     let sshd = line.sshd("");
-    let toml = sshd.agent_toml_at(FAR_ADDR, LISTEN, forward);
+    let toml = sshd.agent_toml_at((FAR_ADDR, sshd.port), LISTEN, forward);
     let agent = Agent::start_in(Some(&line.near.name), &toml, &[], &[]);
     (sshd, agent)
 }
@@ -194,5 +194,52 @@ async fn on_a_long_path_a_slow_target_slows_no_other_channel() {
     assert!(
         peak < rss_before + 40 * 1024,
         "RSS grew from {rss_before} KiB to {peak} KiB"
+    );
+}
+
+/// The agent's debug lines "round trip to SERVER: DURATION (...)", each a new shortest one:
+/// the durations, in order.
+fn round_trips(out: &str) -> Vec<Duration> {
+    out.lines()
+        .filter_map(|l| l.split_once("round trip to ")?.1.split_once(": "))
+        .filter_map(|(_, rest)| {
+            let d = rest.split_whitespace().next()?;
+            let (num, unit) = d.split_at(d.find(|c: char| c.is_alphabetic() || c == 'µ')?);
+            let scale = match unit {
+                "s" => 1.0,
+                "ms" => 1e-3,
+                "µs" => 1e-6,
+                "ns" => 1e-9,
+                _ => return None,
+            };
+            Some(Duration::from_secs_f64(num.parse::<f64>().ok()? * scale))
+        })
+        .collect()
+}
+
+/// A hop that terminates TCP next to the agent (a transparent proxy, a TCP load balancer):
+/// the agent's kernel sees the hop's round trip, microseconds. The round trip the agent sizes
+/// its windows and in-flight budget on must be the path's (40 ms) all the same, from the
+/// forward request and from the probes that refine it; and bulk crosses byte-exact.
+#[tokio::test]
+async fn through_a_terminating_hop_the_agent_takes_the_paths_round_trip() {
+    let line = DelayLine::new("lph", Duration::from_millis(20), 0.0);
+    let sshd = line.sshd("");
+    let hop = line.hop(sshd.port);
+    let toml = sshd.agent_toml_at(("127.0.0.1", hop), LISTEN, "[log]\nlevel = \"debug\"\n");
+    let agent = Agent::start_in(Some(&line.near.name), &toml, &[], &[]);
+    agent.wait_ready().await;
+    let (sum_port, gen_port, _) = near_services(&line, None);
+    both_ways(&line, sum_port, gen_port, 16 << 20);
+    let out = agent.output();
+    let seen = round_trips(&out);
+    assert!(
+        seen.len() >= 2,
+        "no forward request's and probe's round trip logged:\n{out}"
+    );
+    let used = *seen.last().unwrap();
+    assert!(
+        used >= Duration::from_millis(40) && used < Duration::from_millis(200),
+        "the agent's round trip is {used:?}, the path's is 40 ms:\n{out}"
     );
 }

@@ -25,8 +25,8 @@ use crate::constants::INTAKE_SHARE;
 use crate::session::Intake;
 use crate::spill::{Chunk, Spill};
 
-use super::flight::Acks;
 use super::window::Window;
+use crate::session::Acks;
 
 /// What the session hands a channel task.
 pub enum Inbound {

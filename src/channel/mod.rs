@@ -2,12 +2,10 @@
 //! connect, answer, then splice bytes both ways with half-close (splice.rs). The channel's
 //! input arrives through its inbox (inbox.rs).
 
-mod flight;
 mod inbox;
 mod splice;
 mod window;
 
-pub use flight::{Acks, FlightControl};
 pub use inbox::{inbox, ChannelInput, Inbound, Inbox};
 pub use window::{initial_window, Window};
 

@@ -16,9 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
-use super::flight::Flight;
 use super::inbox::ChannelInput;
 use crate::constants::{SMALL_READ, SPLICE_BATCH, SPLICE_BUFFER_SIZE, SPLICE_IOVECS};
+use crate::session::Flight;
 use crate::session::SessionShared;
 use crate::telemetry::ChannelStat;
 

@@ -226,7 +226,7 @@ impl client::Handler for SessionHandler {
         Ok(())
     }
 
-    /// Also the server's word that it passed the channel's data on (channel/flight.rs).
+    /// Also the server's word that it passed the channel's data on (session/flight.rs).
     async fn window_adjusted(
         &mut self,
         channel: ChannelId,

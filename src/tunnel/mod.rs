@@ -25,12 +25,11 @@ use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
 use tokio::sync::oneshot;
 
-use crate::channel::{self, FlightControl, Forwarder};
+use crate::channel::{self, Forwarder};
 use crate::config::{fingerprint, TunnelConfig};
 use crate::constants::*;
 use crate::error::TunnelError;
-use crate::session::SessionShared;
-use crate::sys;
+use crate::session::{FlightControl, SessionShared};
 use crate::transport::Transport;
 use handler::{HandlerError, SessionHandler};
 
@@ -50,6 +49,8 @@ pub struct Session {
     finished: bool,
     next_probe: tokio::time::Instant,
     probe_deadline: Option<tokio::time::Instant>,
+    /// Probes still to come `PATH_PROBE_INTERVAL` apart (learning the path's round trip).
+    path_probes: u32,
     /// Bytes read from the server so far, and at the start of the current probe.
     received_at_probe: u64,
     /// A second descriptor of the session's TCP socket (to the server, or to the proxy), to
@@ -58,8 +59,6 @@ pub struct Session {
     /// stuck. Shut, the server (through a proxy: the proxy, then the server) sees the session
     /// end and frees the listen port.
     socket: Option<OwnedFd>,
-    /// No proxy in between: the kernel's round trip is the server's.
-    direct: bool,
 }
 
 /// The socket of a lost session (see [`Session::abandon`]). Closing it normally leaves the
@@ -89,27 +88,25 @@ impl Stale {
 }
 
 /// Ask the server to listen on the tunnel's port: `Ok(false)` when it refuses (the port is
-/// held by another session). Once granted, the round trip the in-flight budget starts from
-/// (channel/flight.rs): the kernel's for a direct connection (`kernel`), as it has timed the
-/// session's packets to the server itself. Through a proxy the kernel sees only the proxy's,
-/// which may be far shorter than the server's: there the forward request's own, which is
-/// longer than the path's (never a budget too small for it).
+/// held by another session). Once granted, the request's own round trip is the first the
+/// session knows of the path (session/flight.rs, channel/window.rs). It is taken from the
+/// SSH session, not from the kernel: a hop that terminates TCP (a transparent proxy, a load
+/// balancer, a `[tunnel] proxy`) makes the kernel's look like the hop's, a millisecond where
+/// the server is 40 away, and a budget or window sized on that would throttle the path. The
+/// request's time includes the server's work on it, so it errs long: a larger budget, never
+/// a smaller one. The liveness probes refine it (`Session::closed`).
 async fn request_forward(
     handle: &Handle<SessionHandler>,
     shared: &SessionShared,
     server: &str,
     (address, port): (&str, u16),
-    kernel: Option<&OwnedFd>,
 ) -> Result<bool, TunnelError> {
     let asked = Instant::now();
     match handle.tcpip_forward(address, u32::from(port)).await {
         Ok(_) => {
-            let (rtt, from) = match kernel.and_then(sys::tcp_round_trip) {
-                Some(rtt) => (rtt, "the kernel's"),
-                None => (asked.elapsed(), "the forward request's"),
-            };
-            shared.flight.round_trip(rtt);
-            log::debug!("round trip to {server}: {rtt:?} ({from}); the budget for data in flight beside replies follows from it");
+            let rtt = asked.elapsed();
+            let _ = shared.flight.round_trip(rtt);
+            log::debug!("round trip to {server}: {rtt:?} (the forward request's); windows and the budget for data in flight follow from it");
             Ok(true)
         }
         Err(russh::Error::RequestDenied) => Ok(false),
@@ -140,10 +137,8 @@ pub async fn establish(
     let server = t.route();
     let tcp = open_tcp(t).await?;
     stale.reset();
-    // Kept to tear the session down (see `Session::socket`), and for the kernel's round trip
-    // when the connection is direct (read after the forward request, below).
+    // Kept to tear the session down (see `Session::socket`).
     let socket = tcp.as_fd().try_clone_to_owned().ok();
-    let direct = t.proxy.is_none();
     tcp.set_nodelay(true).map_err(|e| TunnelError::Connect {
         server: server.clone(),
         via: String::new(),
@@ -194,7 +189,6 @@ pub async fn establish(
             &shared,
             &server,
             (&t.listen_address, t.listen_port),
-            socket.as_ref().filter(|_| direct),
         )
         .await?;
         Ok((handle, forwarding))
@@ -218,11 +212,11 @@ pub async fn establish(
         server,
         since: Instant::now(),
         standby: (!forwarding).then(Instant::now),
-        direct,
         keepalive_window,
         ended: ended_rx,
         finished: false,
-        next_probe: tokio::time::Instant::now() + LIVENESS_INTERVAL,
+        next_probe: tokio::time::Instant::now() + PATH_PROBE_INTERVAL,
+        path_probes: PATH_PROBES - 1,
         probe_deadline: None,
         received_at_probe: 0,
         socket,
@@ -280,14 +274,7 @@ impl Session {
     /// (the session is then active). An error means the session is no longer usable.
     pub async fn take_over(&mut self) -> Result<bool, TunnelError> {
         let (address, port) = (self.listen.0.clone(), self.listen.1);
-        let kernel = self.socket.as_ref().filter(|_| self.direct);
-        let asked = request_forward(
-            &self.handle,
-            &self.shared,
-            &self.server,
-            (&address, port),
-            kernel,
-        );
+        let asked = request_forward(&self.handle, &self.shared, &self.server, (&address, port));
         let granted = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, asked).await {
             Ok(r) => r?,
             Err(_) => {
@@ -330,13 +317,26 @@ impl Session {
                     // keepalives cannot catch it, this does. Under heavy load the answer can
                     // queue behind a lot of data: a session that kept reading is not stuck.
                     let progressed = self.shared.received.load(Ordering::Relaxed) != self.received_at_probe;
+                    if let (Ok(()), Some(deadline)) = (r, self.probe_deadline) {
+                        // Since the probe was first sent (a re-sent one only lengthens it):
+                        // a sample of the path's round trip, the shortest one kept.
+                        let rtt = (deadline - self.keepalive_window).elapsed();
+                        if self.shared.flight.round_trip(rtt) {
+                            log::debug!("round trip to {}: {rtt:?} (a probe's)", self.server);
+                        }
+                    }
                     if r.is_err() && !progressed {
                         self.finished = true;
                         self.tear_down();
                         return TunnelError::Wedged { window: self.keepalive_window };
                     }
                     self.probe_deadline = None;
-                    self.next_probe = tokio::time::Instant::now() + LIVENESS_INTERVAL;
+                    self.next_probe = tokio::time::Instant::now() + if self.path_probes > 0 {
+                        self.path_probes -= 1;
+                        PATH_PROBE_INTERVAL
+                    } else {
+                        LIVENESS_INTERVAL
+                    };
                 }
             }
         }

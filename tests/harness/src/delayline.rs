@@ -84,6 +84,38 @@ impl DelayLine {
         )
     }
 
+    /// A hop that terminates TCP (a transparent proxy, a TCP load balancer) on the near side,
+    /// next to the agent: each connection to `127.0.0.1:PORT` there (the port returned) is
+    /// answered by the hop, which opens its own connection across the line to
+    /// `FAR_ADDR:to_port` and copies bytes both ways. The near side's kernel then sees the
+    /// hop's round trip, not the path's. It runs until the process ends.
+    pub fn hop(&self, to_port: u16) -> u16 {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.near.within(move || async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            while let Ok((mut near, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut far) = tokio::net::TcpStream::connect((FAR_ADDR, to_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = near.set_nodelay(true);
+                    let _ = far.set_nodelay(true);
+                    // Buffers as large as a proxy's: the hop must not be the bottleneck.
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut near,
+                        &mut far,
+                        256 << 10,
+                        256 << 10,
+                    )
+                    .await;
+                });
+            }
+        });
+        rx.recv().unwrap()
+    }
+
     /// While on, every packet in either direction is dropped (a cut cable, a dead route).
     pub fn set_blackout(&self, on: bool) {
         self.blackout.store(on, Ordering::SeqCst);

@@ -197,24 +197,21 @@ impl Sshd {
     /// runs it (`ssh -N -R PORT`), with this server's host key pinned; `extra` options go
     /// before the destination.
     pub fn openssh_forward(&self, listen: u16, extra: &[&str]) -> Command {
-        self.openssh_forward_in(None, "127.0.0.1", listen, extra)
+        self.openssh_forward_in(None, ("127.0.0.1", self.port), listen, extra)
     }
 
     /// As [`Sshd::openssh_forward`], run inside network namespace `netns` and connecting to
-    /// the server at `host` (see [`DelayLine`](crate::DelayLine)).
+    /// this server at `(host, port)` (across a [`DelayLine`](crate::DelayLine), or through a
+    /// relay to it).
     pub fn openssh_forward_in(
         &self,
         netns: Option<&str>,
-        host: &str,
+        (host, port): (&str, u16),
         listen: u16,
         extra: &[&str],
     ) -> Command {
         let known = self.dir.path().join("known_hosts");
-        std::fs::write(
-            &known,
-            format!("[{host}]:{} {}\n", self.port, self.host_key),
-        )
-        .unwrap();
+        std::fs::write(&known, format!("[{host}]:{port} {}\n", self.host_key)).unwrap();
         let mut ssh = command_in(netns, "ssh");
         ssh.args([
             "-N",
@@ -228,7 +225,7 @@ impl Sshd {
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-i")
         .arg(&self.client_key)
-        .args(["-p", &self.port.to_string()])
+        .args(["-p", &port.to_string()])
         .args(["-R", &format!("127.0.0.1:{listen}")])
         .args(extra)
         .arg(format!("{}@{host}", self.user))
@@ -258,21 +255,26 @@ impl Sshd {
     /// are 2 s x 3, so that a dead server is seen quickly, unless `extra` sets
     /// `keepalive_interval` itself (its keys before any section header belong to `[tunnel]`).
     pub fn agent_toml(&self, listen_port: u16, extra: &str) -> String {
-        self.agent_toml_at("127.0.0.1", listen_port, extra)
+        self.agent_toml_at(("127.0.0.1", self.port), listen_port, extra)
     }
 
-    /// As [`Sshd::agent_toml`], for a server reached at `host` (across a [`DelayLine`](crate::DelayLine)).
-    pub fn agent_toml_at(&self, host: &str, listen_port: u16, extra: &str) -> String {
+    /// As [`Sshd::agent_toml`], for this server reached at `(host, port)` (across a
+    /// [`DelayLine`](crate::DelayLine), or through a relay to it).
+    pub fn agent_toml_at(
+        &self,
+        (host, port): (&str, u16),
+        listen_port: u16,
+        extra: &str,
+    ) -> String {
         let keepalive = if extra.contains("keepalive_interval") {
             ""
         } else {
             "keepalive_interval = \"2s\"\nkeepalive_max = 3\n"
         };
         format!(
-            "[tunnel]\nhost = \"{host}\"\nport = {}\nuser = \"{}\"\nlisten_port = {listen_port}\n\
+            "[tunnel]\nhost = \"{host}\"\nport = {port}\nuser = \"{}\"\nlisten_port = {listen_port}\n\
              listen_address = \"127.0.0.1\"\nkey_file = \"{}\"\nhost_keys = [\"{}\"]\n\
              {keepalive}{extra}",
-            self.port,
             self.user,
             self.client_key.display(),
             self.host_key

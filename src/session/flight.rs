@@ -84,9 +84,10 @@ impl FlightControl {
     }
 
     /// A round trip to the server took `d`.
-    pub fn round_trip(&self, d: Duration) {
+    /// `true` if it is the shortest yet.
+    pub fn round_trip(&self, d: Duration) -> bool {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1);
-        self.round_trip_us.fetch_min(us, Ordering::Relaxed);
+        self.round_trip_us.fetch_min(us, Ordering::Relaxed) > us
     }
 
     /// The shortest round trip seen, if any.
@@ -158,7 +159,7 @@ pub struct Acks {
 }
 
 /// A channel task's side of its [`Acks`].
-pub(super) struct Flight<'a> {
+pub(crate) struct Flight<'a> {
     acks: &'a Acks,
     control: &'a FlightControl,
     /// What this channel may always have in flight: `FLIGHT_FREE`, doubled each time the
@@ -167,7 +168,7 @@ pub(super) struct Flight<'a> {
 }
 
 impl<'a> Flight<'a> {
-    pub(super) fn new(acks: &'a Acks, control: &'a FlightControl) -> Self {
+    pub(crate) fn new(acks: &'a Acks, control: &'a FlightControl) -> Self {
         Flight {
             acks,
             control,
@@ -178,7 +179,7 @@ impl<'a> Flight<'a> {
     /// `n` bytes went to the session; `short`: the read emptied the target's socket. A short
     /// read on a channel with little in flight is a reply; on a busy channel it is bulk data
     /// that came a little slower than we read it.
-    pub(super) fn sent(&mut self, n: usize, short: bool) {
+    pub(crate) fn sent(&mut self, n: usize, short: bool) {
         let before = self.acks.counted.fetch_add(n as u64, Ordering::AcqRel) & !CLOSED;
         self.control.add(n as i64);
         if short && before < FLIGHT_FREE {
@@ -191,7 +192,7 @@ impl<'a> Flight<'a> {
     }
 
     /// Wait until this channel may send (see the module comment).
-    pub(super) async fn room(&mut self) {
+    pub(crate) async fn room(&mut self) {
         loop {
             let arrived = self.acks.arrived.notified();
             let Some(budget) = self.control.budget() else {
@@ -243,8 +244,8 @@ mod tests {
         let long = interactive(Duration::from_millis(20));
         assert_eq!(long.budget(), Some(FLIGHT_RATE / 50));
         // The shortest round trip counts: one taken under load does not raise it.
-        long.round_trip(Duration::from_millis(200));
-        long.round_trip(Duration::from_millis(10));
+        assert!(!long.round_trip(Duration::from_millis(200)));
+        assert!(long.round_trip(Duration::from_millis(10)));
         assert_eq!(long.budget(), Some(FLIGHT_RATE / 100));
     }
 

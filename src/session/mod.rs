@@ -1,7 +1,8 @@
 //! What one SSH session shares with its transport, its handler and its channels, made once
 //! per session: the output backlog channels pace themselves on, the intake that pauses
 //! reading, the bytes received (for liveness), whether new channels are taken, and how many
-//! are open.
+//! are open, and the account of data in flight towards the server (flight.rs). Channels use
+//! this module; it uses nothing of theirs.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -10,7 +11,10 @@ use russh::client::WindowAdjuster;
 
 use tokio::sync::{watch, Notify, Semaphore, SemaphorePermit};
 
-use crate::channel::FlightControl;
+mod flight;
+pub(crate) use flight::Flight;
+pub use flight::{Acks, FlightControl};
+
 use crate::constants::{INTAKE_HIGH, INTAKE_PAUSE_MAX, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS};
 use crate::count::OpenCount;
 
@@ -24,7 +28,7 @@ pub struct SessionShared {
     pub accepting: AtomicBool,
     /// This session's open channels, so a retired session can drain on its own.
     pub channels: Arc<OpenCount>,
-    /// The channels' data in flight towards the server (channel/flight.rs).
+    /// The channels' data in flight towards the server (session/flight.rs).
     pub flight: FlightControl,
     /// Set when the session is torn down: every channel task still running ends at once,
     /// closing its target connection. A session whose task is stuck never drops its
