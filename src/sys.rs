@@ -64,3 +64,32 @@ pub fn set_int_option(
         Err(io::Error::last_os_error())
     }
 }
+
+/// The kernel's round-trip time of a TCP connection: its recent minimum where the kernel keeps
+/// one (Linux 4.6 and later), else its smoothed estimate; `None` before any was measured.
+pub fn tcp_round_trip(socket: &impl AsRawFd) -> Option<std::time::Duration> {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket descriptor, and a pointer to a tcp_info with its exact size;
+    // an older kernel fills less of it and says so in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let has_min = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
+    let us = if has_min && info.tcpi_min_rtt > 0 && info.tcpi_min_rtt != u32::MAX {
+        info.tcpi_min_rtt
+    } else {
+        info.tcpi_rtt
+    };
+    (us > 0).then(|| std::time::Duration::from_micros(u64::from(us)))
+}

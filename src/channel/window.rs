@@ -17,12 +17,14 @@
 //! never fills a spill file (it remains for one that does not, and for channels whose
 //! `max_pending` a reload lowered below their session's initial window).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use russh::client::WindowAdjuster;
 use russh::ChannelId;
 
 use crate::constants::{GRANT_STEP, SSH_WINDOW_SIZE};
+use crate::session::SessionShared;
 
 /// The window a session's channels start with: OpenSSH's 2 MiB, or `max_pending` if smaller,
 /// so that a channel's backlog never passes `max_pending`.
@@ -35,26 +37,31 @@ pub struct Window {
     adjuster: WindowAdjuster,
     id: ChannelId,
     grants: Grants,
+    /// For the path's round trip as the session knows it now: its first estimate (the
+    /// forward request's, often twice the path's) is refined by probes while channels run,
+    /// and a window sized on a round trip twice too long grows twice too far.
+    session: Arc<SessionShared>,
 }
 
 impl Window {
-    /// `initial`: the session's initial window; `max`: the channel's `max_pending`.
+    /// `max`: the channel's `max_pending`; the session gives the initial window.
     pub fn new(
         adjuster: WindowAdjuster,
         id: ChannelId,
-        initial: u32,
+        session: Arc<SessionShared>,
         max: u64,
-        rtt: Option<Duration>,
     ) -> Window {
         Window {
             adjuster,
             id,
-            grants: Grants::new(initial, max, rtt),
+            grants: Grants::new(session.initial_window, max, session.flight.rtt()),
+            session,
         }
     }
 
     /// The target took `n` bytes; `backlog` still wait for it (memory and spill file).
     pub fn consumed(&mut self, n: u64, backlog: u64) {
+        self.grants.rtt = self.session.flight.rtt().filter(|d| !d.is_zero());
         if let Some(grant) = self.grants.grant(n, backlog, Instant::now) {
             // The session may be gone; its channels end with it.
             let _ = self
@@ -72,7 +79,7 @@ struct Grants {
     max: u64,
     /// Consumed and not yet granted back.
     owed: u64,
-    /// The session's round trip, when known.
+    /// The session's round trip, when known (updated by [`Window::consumed`]).
     rtt: Option<Duration>,
     /// Bytes taken by the target since `since`.
     taken: u64,

@@ -178,9 +178,8 @@ impl client::Handler for SessionHandler {
             Some(adjuster) => input.with_window(channel::Window::new(
                 adjuster.clone(),
                 id,
-                self.shared.initial_window,
+                self.shared.clone(),
                 settings.max_pending,
-                self.shared.flight.rtt(),
             )),
             None => input,
         };

@@ -30,6 +30,7 @@ use crate::config::{fingerprint, TunnelConfig};
 use crate::constants::*;
 use crate::error::TunnelError;
 use crate::session::{FlightControl, SessionShared};
+use crate::sys;
 use crate::transport::Transport;
 use handler::{HandlerError, SessionHandler};
 
@@ -94,25 +95,39 @@ impl Stale {
 /// balancer, a `[tunnel] proxy`) makes the kernel's look like the hop's, a millisecond where
 /// the server is 40 away, and a budget or window sized on that would throttle the path. The
 /// request's time includes the server's work on it, so it errs long: a larger budget, never
-/// a smaller one. The liveness probes refine it (`Session::closed`).
+/// a smaller one. The liveness probes refine it (`Session::closed`). The kernel's reading of
+/// the connection (`socket`) is kept beside it: where the two agree it is the more exact one
+/// (`FlightControl::rtt`).
 async fn request_forward(
     handle: &Handle<SessionHandler>,
     shared: &SessionShared,
     server: &str,
     (address, port): (&str, u16),
+    socket: Option<&OwnedFd>,
 ) -> Result<bool, TunnelError> {
     let asked = Instant::now();
     match handle.tcpip_forward(address, u32::from(port)).await {
         Ok(_) => {
-            let rtt = asked.elapsed();
-            let _ = shared.flight.round_trip(rtt);
-            log::debug!("round trip to {server}: {rtt:?} (the forward request's); windows and the budget for data in flight follow from it");
+            let _ = shared.flight.round_trip(asked.elapsed());
+            note_kernel_round_trip(shared, socket);
+            log::debug!(
+                "round trip to {server}: {:?} (the forward request's {:?}, the kernel's {:?}); windows and the budget for data in flight follow from it",
+                shared.flight.rtt().unwrap_or_default(),
+                asked.elapsed(),
+                socket.and_then(sys::tcp_round_trip),
+            );
             Ok(true)
         }
         Err(russh::Error::RequestDenied) => Ok(false),
         Err(e) => Err(TunnelError::Lost {
             reason: e.to_string(),
         }),
+    }
+}
+
+fn note_kernel_round_trip(shared: &SessionShared, socket: Option<&OwnedFd>) {
+    if let Some(rtt) = socket.and_then(sys::tcp_round_trip) {
+        shared.flight.kernel_round_trip(rtt);
     }
 }
 
@@ -189,6 +204,7 @@ pub async fn establish(
             &shared,
             &server,
             (&t.listen_address, t.listen_port),
+            socket.as_ref(),
         )
         .await?;
         Ok((handle, forwarding))
@@ -274,7 +290,13 @@ impl Session {
     /// (the session is then active). An error means the session is no longer usable.
     pub async fn take_over(&mut self) -> Result<bool, TunnelError> {
         let (address, port) = (self.listen.0.clone(), self.listen.1);
-        let asked = request_forward(&self.handle, &self.shared, &self.server, (&address, port));
+        let asked = request_forward(
+            &self.handle,
+            &self.shared,
+            &self.server,
+            (&address, port),
+            self.socket.as_ref(),
+        );
         let granted = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, asked).await {
             Ok(r) => r?,
             Err(_) => {
@@ -320,9 +342,17 @@ impl Session {
                     if let (Ok(()), Some(deadline)) = (r, self.probe_deadline) {
                         // Since the probe was first sent (a re-sent one only lengthens it):
                         // a sample of the path's round trip, the shortest one kept.
-                        let rtt = (deadline - self.keepalive_window).elapsed();
-                        if self.shared.flight.round_trip(rtt) {
-                            log::debug!("round trip to {}: {rtt:?} (a probe's)", self.server);
+                        let probe = (deadline - self.keepalive_window).elapsed();
+                        let before = self.shared.flight.rtt();
+                        let _ = self.shared.flight.round_trip(probe);
+                        note_kernel_round_trip(&self.shared, self.socket.as_ref());
+                        let now = self.shared.flight.rtt();
+                        if now != before {
+                            log::debug!(
+                                "round trip to {}: {:?} (a probe's {probe:?})",
+                                self.server,
+                                now.unwrap_or_default()
+                            );
                         }
                     }
                     if r.is_err() && !progressed {
