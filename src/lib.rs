@@ -21,6 +21,7 @@ pub mod lookup;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod rsa_sign;
 pub mod session;
 pub mod socks;
 pub mod spill;

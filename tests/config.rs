@@ -184,6 +184,14 @@ fn key_problems_are_named_without_showing_the_key() {
     // A public key where the private one belongs.
     let public = f.dir.path().join("id_ed25519.pub");
     std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // An RSA key shorter than ring signs (rsa_sign.rs): refused when loaded, not at connect.
+    let short = f.dir.path().join("short_rsa");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "1024", "-N", "", "-f"])
+        .arg(&short)
+        .status()
+        .unwrap()
+        .success());
     // Garbage in PEM clothes.
     let garbage = f.write(
         "garbage",
@@ -194,6 +202,7 @@ fn key_problems_are_named_without_showing_the_key() {
         (&open, "too open"),
         (&enc, "encrypted with a passphrase"),
         (&public, "this is a public key"),
+        (&short, "an RSA key of 1024 bits"),
         (&garbage, "could not be parsed"),
     ] {
         let toml = format!(

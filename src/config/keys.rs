@@ -12,6 +12,7 @@ use base64::Engine;
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 
 use crate::constants::*;
+use crate::rsa_sign::RsaSigner;
 
 use super::sources::describe_io;
 use super::Sources;
@@ -59,6 +60,8 @@ impl fmt::Display for ClientKey {
 #[derive(Clone)]
 pub struct SecretKey {
     key: Arc<PrivateKey>,
+    /// An RSA key's signer (rsa_sign.rs): RSA signatures are ring's, never the `rsa` crate's.
+    rsa: Option<RsaSigner>,
     /// Where it came from (`key_file = ...` or `key_base64`), for messages.
     pub origin: String,
 }
@@ -66,6 +69,11 @@ pub struct SecretKey {
 impl SecretKey {
     pub fn key(&self) -> Arc<PrivateKey> {
         self.key.clone()
+    }
+
+    /// For an RSA key, what signs with it.
+    pub fn rsa_signer(&self) -> Option<RsaSigner> {
+        self.rsa.clone()
     }
 
     pub fn fingerprint(&self) -> String {
@@ -253,8 +261,13 @@ fn decode_key(bytes: &[u8], at: &str) -> Result<SecretKey, String> {
             "{at}: the private key could not be parsed (expected an OpenSSH, PEM or PKCS#8 ed25519, ECDSA or RSA key)"
         ),
     })?;
+    let rsa = match key.key_data().rsa() {
+        Some(pair) => Some(RsaSigner::new(pair).map_err(|e| format!("{at}: {e}"))?),
+        None => None,
+    };
     Ok(SecretKey {
         key: Arc::new(key),
+        rsa,
         origin: at.to_string(),
     })
 }

@@ -260,12 +260,18 @@ pub(crate) async fn authenticate<H: client::Handler>(
     } else {
         None
     };
-    let result = handle
-        .authenticate_publickey(t.user.clone(), PrivateKeyWithHashAlg::new(key, hash))
-        .await
-        .map_err(|e| TunnelError::Lost {
-            reason: e.to_string(),
-        })?;
+    let lost = |reason: String| TunnelError::Lost { reason };
+    let result = match secret.rsa_signer() {
+        // RSA signs through ring (rsa_sign.rs: RUSTSEC-2023-0071).
+        Some(mut rsa) => handle
+            .authenticate_publickey_with(t.user.clone(), key.public_key().clone(), hash, &mut rsa)
+            .await
+            .map_err(|e| lost(e.to_string()))?,
+        None => handle
+            .authenticate_publickey(t.user.clone(), PrivateKeyWithHashAlg::new(key, hash))
+            .await
+            .map_err(|e| lost(e.to_string()))?,
+    };
     if result.success() {
         Ok(())
     } else {
