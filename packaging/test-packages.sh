@@ -45,8 +45,9 @@ done
 
 step "metadata"
 (cd "$pkgs" && sha256sum --quiet -c SHA256SUMS) || fail "SHA256SUMS does not match the packages"
-[ "$(wc -l < "$pkgs/SHA256SUMS")" = 4 ] || fail "SHA256SUMS does not list the four packages"
-ok "SHA256SUMS lists and verifies all four packages"
+[ "$(grep -cE '\.(deb|rpm)$' "$pkgs/SHA256SUMS")" = 4 ] || fail "SHA256SUMS does not list the four packages"
+[ "$(grep -cE '\.cdx\.json$' "$pkgs/SHA256SUMS")" = 2 ] || fail "SHA256SUMS does not list the two SBOMs"
+ok "SHA256SUMS lists and verifies all four packages and both SBOMs"
 for d in "$deb" "$deb_arm"; do
     lintian --fail-on error,warning "$d" || fail "lintian reports errors or warnings on $d"
 done

@@ -28,6 +28,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The pinned compiler (rust-toolchain.toml).
+packaging/toolchain.sh
+
 # The fault-injection feature compiles in the faults tests inject (src/fault.rs), inert unless
 # a test asks for one; packages are built without it.
 cargo test --locked --features fault-injection
