@@ -71,7 +71,7 @@ sbom() {
     cargo cyclonedx --quiet --format json --spec-version 1.5 --all --target "$1" \
         --override-filename secoda-agent.cdx
     rm -f tests/harness/secoda-agent.cdx.json
-    sed "s|path+file://$PWD/|path+file:///build/secoda-agent/|g" secoda-agent.cdx.json > "target/sbom/$1.cdx.json"
+    sed "s|path+file://$PWD|path+file:///build/secoda-agent|g" secoda-agent.cdx.json > "target/sbom/$1.cdx.json"
     rm secoda-agent.cdx.json
 }
 rm -rf target/sbom
