@@ -71,7 +71,10 @@ sbom() {
     cargo cyclonedx --quiet --format json --spec-version 1.5 --all --target "$1" \
         --override-filename secoda-agent.cdx
     rm -f tests/harness/secoda-agent.cdx.json
-    sed "s|path+file://$PWD|path+file:///build/secoda-agent|g" secoda-agent.cdx.json > "target/sbom/$1.cdx.json"
+    # Cargo names the package in its id only where the folder's name is not the package's
+    # ("path+file:///work/main#secoda-agent@0.1.0"): the id as if checked out at the remapped path.
+    sed "s|path+file://$PWD#secoda-agent@|path+file:///build/secoda-agent#|g; s|path+file://$PWD|path+file:///build/secoda-agent|g" \
+        secoda-agent.cdx.json > "target/sbom/$1.cdx.json"
     rm secoda-agent.cdx.json
 }
 rm -rf target/sbom
