@@ -107,6 +107,11 @@ for target in "${TARGETS[@]}"; do
     cp "target/sbom/$target.cdx.json" "target/packages/secoda-agent-$version-${target%%-*}.cdx.json"
     # The profile already strips; cargo-deb's own strip would need a cross binutils.
     cargo deb --no-build --no-strip --target "$target" --output target/packages/
+    # cargo-generate-rpm only lowers a file's time to SOURCE_DATE_EPOCH, and keeps an older
+    # one: a checkout made before the commit's date (any but a fresh clone) gave other rpms.
+    # Every packaged file gets the commit's time (after the build: never a stale one).
+    sed -n 's/.*{ source = "\([^"]*\)".*/\1/p' Cargo.toml | sed "s|^target/release/|target/$target/release/|" \
+        | xargs touch -d "@$SOURCE_DATE_EPOCH"
     # xz, not the default zstd: rpm before 4.14 (Amazon Linux 2) cannot read a zstd payload.
     cargo generate-rpm --target "$target" --payload-compress xz --output target/packages/
 done
