@@ -93,9 +93,36 @@ struct Services {
     echo: u16,
 }
 
-/// The slow target's pace, MiB/s, and what is sent to it.
-const SLOW_SINK_MIBS: u64 = 16;
-const SLOW_UPLOAD: u64 = 256 << 20;
+/// The slow target's pace, MiB/s, and what is sent to it: 16 MiB/s and 256 MiB, or
+/// `BENCH_SLOW_MIBS` and `BENCH_SLOW_MIB` (a long COPY: 64 and 1536).
+fn slow_sink_mibs() -> u64 {
+    env_u64("BENCH_SLOW_MIBS", 16)
+}
+fn slow_upload() -> u64 {
+    env_u64("BENCH_SLOW_MIB", 256) << 20
+}
+fn env_u64(k: &str, default: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Disk blocks held by the files process `pid` has open that have no name (a spill file is
+/// created with O_TMPFILE), KiB.
+fn unnamed_file_kib(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().ends_with("(deleted)"))
+        })
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .map(|m| m.blocks() / 2)
+        .sum()
+}
 
 async fn services() -> Services {
     let slow_sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -114,7 +141,7 @@ async fn services() -> Services {
                         break;
                     }
                     n += k as u64;
-                    let due = Duration::from_secs_f64(n as f64 / (SLOW_SINK_MIBS << 20) as f64);
+                    let due = Duration::from_secs_f64(n as f64 / (slow_sink_mibs() << 20) as f64);
                     if let Some(wait) = due.checked_sub(start.elapsed()) {
                         tokio::time::sleep(wait).await;
                     }
@@ -296,6 +323,7 @@ struct Round {
     slow_download_share: f64,
     slow_upload_exact: f64,
     slow_rss_peak_mib: f64,
+    slow_spill_peak_mib: f64,
     mixed_ping_p50_ms: f64,
     mixed_ping_p99_ms: f64,
     mixed_bulk_mibs: f64,
@@ -339,7 +367,7 @@ async fn download_for(listen: u16, source: u16, d: Duration) -> f64 {
 /// How long the download beside the slow target runs alone just before and just after it.
 const SLOW_ALONE: Duration = Duration::from_secs(3);
 
-/// A slow target (16 MiB/s) is sent 256 MiB while another channel downloads and a third
+/// A slow target (16 MiB/s, or BENCH_SLOW_MIBS) is sent 256 MiB (or BENCH_SLOW_MIB) while another channel downloads and a third
 /// pings: the others must not slow down, the upload must arrive whole, memory stays bounded.
 /// The download's speed alone is taken just before and just after: this machine's speed
 /// drifts between the bench's phases more than the effect measured here.
@@ -349,11 +377,13 @@ async fn slow_target(pid: u32, listen: u16, svc: &Services, r: &mut Round) {
     let alone_before = download_for(listen, svc.source, SLOW_ALONE).await;
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
+    let spill = Arc::new(AtomicU64::new(0));
     let sampler = {
-        let (peak, stop) = (peak.clone(), stop.clone());
+        let (peak, spill, stop) = (peak.clone(), spill.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                spill.fetch_max(unnamed_file_kib(pid), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -365,7 +395,7 @@ async fn slow_target(pid: u32, listen: u16, svc: &Services, r: &mut Round) {
     let mut s = s.unwrap();
     let block = vec![0xa5u8; 256 << 10];
     let mut sent = 0u64;
-    while sent < SLOW_UPLOAD {
+    while sent < slow_upload() {
         s.write_all(&block).await.unwrap();
         sent += block.len() as u64;
     }
@@ -381,6 +411,7 @@ async fn slow_target(pid: u32, listen: u16, svc: &Services, r: &mut Round) {
     let alone_after = download_for(listen, svc.source, SLOW_ALONE).await;
     r.slow_download_share = 100.0 * r.slow_download_mibs / ((alone_before + alone_after) / 2.0);
     r.slow_rss_peak_mib = peak.load(Ordering::Relaxed) as f64 / 1024.0;
+    r.slow_spill_peak_mib = spill.load(Ordering::Relaxed) as f64 / 1024.0;
 }
 
 /// Two bulk downloads and a paced ping-pong at once, for 5 s.
@@ -616,7 +647,7 @@ async fn main() {
     }
 
     type Pick = fn(&Round) -> f64;
-    let rows: [(&str, Pick); 24] = [
+    let rows: [(&str, Pick); 25] = [
         ("bulk upload, MiB/s (server -> target)", |r| r.upload_mibs),
         ("bulk download, MiB/s (target -> server)", |r| {
             r.download_mibs
@@ -654,10 +685,14 @@ async fn main() {
             "slow target: other download, % of it alone just before and after",
             |r| r.slow_download_share,
         ),
-        ("slow target: all 256 MiB arrived (1 = yes)", |r| {
+        ("slow target: all of it arrived (1 = yes)", |r| {
             r.slow_upload_exact
         }),
         ("slow target: client peak RSS, MiB", |r| r.slow_rss_peak_mib),
+        (
+            "slow target: client's unnamed files on disk, peak MiB",
+            |r| r.slow_spill_peak_mib,
+        ),
         ("2 downloads + ping-pong: ping p50 ms", |r| {
             r.mixed_ping_p50_ms
         }),
