@@ -5,8 +5,9 @@
 #   3. with the packages built (target/packages/, packaging/build.sh), for each of the four:
 #      its binary carries the crate list (.dep-v0, cargo auditable) and it equals what
 #      Cargo.lock resolves for that target (runtime and build time, no dev-dependency), the
-#      SBOM lists the same crates, `cargo audit bin` finds no advisory in it, and no build path
-#      is left in it.
+#      SBOM lists the same crates, `cargo audit bin` finds no advisory in it, no build path
+#      is left in it, and the licences it states (the .deb's copyright, the .rpm's License)
+#      are deny.toml's allow-list.
 #
 #   packaging/check-supply-chain.sh              # 1 and 2
 #   packaging/check-supply-chain.sh --packages   # 1, 2 and 3
@@ -66,7 +67,7 @@ echo "check-supply-chain: Cargo.lock: no advisory known as of $date ($source; ig
 [ "${1:-}" = --packages ] || exit 0
 
 missing=()
-for tool in rpm2cpio:rpm2cpio cpio:cpio strings:binutils dpkg-deb:dpkg; do
+for tool in rpm2cpio:rpm2cpio cpio:cpio strings:binutils dpkg-deb:dpkg rpm:rpm; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -75,6 +76,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # 3. The shipped binaries.
+allowed=$(python3 -c 'import tomllib; print("\n".join(sorted(tomllib.load(open("deny.toml", "rb"))["licenses"]["allow"])))')
 checked=0
 for pkg in target/packages/*.deb target/packages/*.rpm; do
     [ -f "$pkg" ] || continue
@@ -111,6 +113,13 @@ for pkg in target/packages/*.deb target/packages/*.rpm; do
     diff -u "$work/embedded" "$work/sbom" >&2 \
         || fail "$pkg: $sbom (+) lists other crates than the binary (-)"
     "${audit[@]}" bin "$bin" || fail "$pkg: its binary has a known advisory (above)"
+    # The licences the package states are deny.toml's allow-list, no more and no fewer.
+    case "$pkg" in
+        *.deb) stated=$(sed -n 's/^License: \(.* and .*\)/\1/p' "$tree/usr/share/doc/secoda-agent/copyright" | sed 's/ and /\n/g') ;;
+        *.rpm) stated=$(rpm -qp --qf '%{LICENSE}' "$pkg" | sed 's/ AND /\n/g') ;;
+    esac
+    [ "$(echo "$stated" | LC_ALL=C sort)" = "$allowed" ] \
+        || fail "$pkg states the licences $(echo $stated); deny.toml allows $(echo $allowed)"
     # Panic messages name source files: all relative or remapped (packaging/build.sh).
     if strings "$bin" | grep -E "$PWD|${CARGO_HOME:-$HOME/.cargo}|/home/|/root/" | head -n 5 >&2; then
         fail "$pkg: its binary holds a build path (above)"
