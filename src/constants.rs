@@ -93,6 +93,11 @@ pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(10);
 /// loopback, where the path takes 0.05).
 pub const PATH_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 pub const PATH_PROBES: u32 = 3;
+/// The first of them is sent as soon as the forward is granted, waiting at most this long.
+pub const PATH_PROBE_WAIT: Duration = Duration::from_secs(2);
+/// The server's own handling in an SSH round trip (sshd's reply to a request, its Nagle):
+/// up to this much more than the kernel's round trip is still the same path (session/flight.rs).
+pub const SSH_HANDLING_SLACK: Duration = Duration::from_millis(1);
 
 /// Reconnect backoff: full jitter between zero and min(ceiling, initial * 2^attempt).
 pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);

@@ -219,8 +219,9 @@ fn round_trips(out: &str) -> Vec<Duration> {
 
 /// A hop that terminates TCP next to the agent (a transparent proxy, a TCP load balancer):
 /// the agent's kernel sees the hop's round trip, microseconds. The round trip the agent sizes
-/// its windows and in-flight budget on must be the path's (40 ms) all the same, from the
-/// forward request and from the probes that refine it; and bulk crosses byte-exact.
+/// its windows and in-flight budget on must be the path's (40 ms) all the same (the SSH
+/// session's own: the forward request, a ping, the probes that refine it); and bulk crosses
+/// byte-exact.
 #[tokio::test]
 async fn through_a_terminating_hop_the_agent_takes_the_paths_round_trip() {
     let line = DelayLine::new("lph", Duration::from_millis(20), 0.0);
@@ -233,10 +234,7 @@ async fn through_a_terminating_hop_the_agent_takes_the_paths_round_trip() {
     both_ways(&line, sum_port, gen_port, 16 << 20);
     let out = agent.output();
     let seen = round_trips(&out);
-    assert!(
-        seen.len() >= 2,
-        "no forward request's and probe's round trip logged:\n{out}"
-    );
+    assert!(!seen.is_empty(), "no round trip logged:\n{out}");
     let used = *seen.last().unwrap();
     assert!(
         used >= Duration::from_millis(40) && used < Duration::from_millis(200),
