@@ -103,7 +103,9 @@ for pkg in target/packages/*.deb target/packages/*.rpm; do
     python3 packaging/dep-list.py sbom "$sbom" > "$work/sbom"
     python3 packaging/dep-list.py binary "$bin" > "$work/embedded" \
         || fail "$pkg: its binary carries no crate list (.dep-v0)"
-    python3 packaging/dep-list.py lock "$target" > "$work/lock"
+    # cargo metadata once per target, not per package.
+    [ -f "$work/lock-$target" ] || python3 packaging/dep-list.py lock "$target" > "$work/lock-$target"
+    cp "$work/lock-$target" "$work/lock"
     diff -u "$work/lock" "$work/embedded" >&2 \
         || fail "$pkg: the crates in its binary (+) differ from what Cargo.lock resolves for $target (-)"
     # No dev-dependency (the test harness, tempfile) is in it.

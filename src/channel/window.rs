@@ -54,15 +54,15 @@ impl Window {
         Window {
             adjuster,
             id,
-            grants: Grants::new(session.initial_window, max, session.flight.rtt()),
+            grants: Grants::new(session.initial_window, max),
             session,
         }
     }
 
     /// The target took `n` bytes; `backlog` still wait for it (memory and spill file).
     pub fn consumed(&mut self, n: u64, backlog: u64) {
-        self.grants.rtt = self.session.flight.rtt().filter(|d| !d.is_zero());
-        if let Some(grant) = self.grants.grant(n, backlog, Instant::now) {
+        let flight = &self.session.flight;
+        if let Some(grant) = self.grants.grant(n, backlog, || flight.rtt(), Instant::now) {
             // The session may be gone; its channels end with it.
             let _ = self
                 .adjuster
@@ -79,29 +79,33 @@ struct Grants {
     max: u64,
     /// Consumed and not yet granted back.
     owed: u64,
-    /// The session's round trip, when known (updated by [`Window::consumed`]).
-    rtt: Option<Duration>,
     /// Bytes taken by the target since `since`.
     taken: u64,
     since: Instant,
 }
 
 impl Grants {
-    fn new(initial: u32, max: u64, rtt: Option<Duration>) -> Grants {
+    fn new(initial: u32, max: u64) -> Grants {
         let size = u64::from(initial);
         Grants {
             size,
             max: max.max(size),
             owed: 0,
-            rtt: rtt.filter(|d| !d.is_zero()),
             taken: 0,
             since: Instant::now(),
         }
     }
 
-    /// How much to grant now, if anything. The clock is read only when a grant is due and
-    /// the round trip is known (this runs for every write to the target).
-    fn grant(&mut self, n: u64, backlog: u64, now: impl FnOnce() -> Instant) -> Option<u64> {
+    /// How much to grant now, if anything. The session's round trip (`rtt`: it is refined
+    /// while channels run) and the clock are read only when a grant is due (this runs for
+    /// every write to the target).
+    fn grant(
+        &mut self,
+        n: u64,
+        backlog: u64,
+        rtt: impl FnOnce() -> Option<Duration>,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<u64> {
         self.owed += n;
         self.taken += n;
         // What the server may still send or have in flight: the window less what waits here
@@ -111,7 +115,7 @@ impl Grants {
             return None;
         }
         let mut grant = std::mem::take(&mut self.owed);
-        if let Some(rtt) = self.rtt {
+        if let Some(rtt) = rtt().filter(|d| !d.is_zero()) {
             let now = now();
             let elapsed = now.saturating_duration_since(self.since);
             if elapsed >= rtt {
@@ -139,8 +143,8 @@ impl Grants {
 mod tests {
     use super::*;
 
-    fn window(max: u64, rtt: Option<Duration>) -> Grants {
-        Grants::new(initial_window(max), max, rtt)
+    fn window(max: u64) -> Grants {
+        Grants::new(initial_window(max), max)
     }
 
     #[test]
@@ -152,33 +156,36 @@ mod tests {
 
     #[test]
     fn consumed_bytes_are_granted_back_in_steps() {
-        let mut w = window(8 << 20, None);
+        let mut w = window(8 << 20);
         let now = Instant::now();
         // A target that keeps up: nothing waits, grants come every GRANT_STEP.
-        assert_eq!(w.grant(GRANT_STEP - 1, 0, || now), None);
-        assert_eq!(w.grant(1, 0, || now), Some(GRANT_STEP));
-        assert_eq!(w.grant(1000, 0, || now), None);
+        assert_eq!(w.grant(GRANT_STEP - 1, 0, || None, || now), None);
+        assert_eq!(w.grant(1, 0, || None, || now), Some(GRANT_STEP));
+        assert_eq!(w.grant(1000, 0, || None, || now), None);
     }
 
     #[test]
     fn a_window_half_used_up_is_granted_whatever_is_owed() {
-        let mut w = window(8 << 20, None);
+        let mut w = window(8 << 20);
         let size = w.size;
         // Little consumed, but most of the window waits here: grant what was taken.
-        assert_eq!(w.grant(100, size / 2 + 1, Instant::now), Some(100));
+        assert_eq!(w.grant(100, size / 2 + 1, || None, Instant::now), Some(100));
     }
 
     #[test]
     fn a_slow_target_gets_no_more_than_it_takes() {
         let rtt = Duration::from_millis(40);
-        let mut w = window(8 << 20, Some(rtt));
+        let mut w = window(8 << 20);
         let size = w.size;
         let mut now = Instant::now();
         // The backlog is most of the window: grants equal consumption, the window never
         // grows, however fast the bytes go.
         for _ in 0..100 {
             now += rtt;
-            assert_eq!(w.grant(size, size - GRANT_STEP, || now), Some(size));
+            assert_eq!(
+                w.grant(size, size - GRANT_STEP, || Some(rtt), || now),
+                Some(size)
+            );
         }
         assert_eq!(w.size, size);
     }
@@ -186,27 +193,27 @@ mod tests {
     #[test]
     fn the_window_grows_while_it_bounds_a_long_path_up_to_the_bound() {
         let rtt = Duration::from_millis(40);
-        let mut w = window(8 << 20, Some(rtt));
+        let mut w = window(8 << 20);
         let size = w.size;
         let mut now = Instant::now();
         // Half a window per round trip: not what bounds the channel.
         now += rtt;
-        assert_eq!(w.grant(size / 2, 0, || now), Some(size / 2));
+        assert_eq!(w.grant(size / 2, 0, || Some(rtt), || now), Some(size / 2));
         assert_eq!(w.size, size);
         // A whole window per round trip, nothing waiting: doubles, granting the growth too.
         now += rtt;
-        assert_eq!(w.grant(size, 0, || now), Some(2 * size));
+        assert_eq!(w.grant(size, 0, || Some(rtt), || now), Some(2 * size));
         assert_eq!(w.size, 2 * size);
         for _ in 0..10 {
             now += rtt;
             let s = w.size;
-            w.grant(s, 0, || now);
+            w.grant(s, 0, || Some(rtt), || now);
         }
         assert_eq!(w.size, 8 << 20);
         // No round trip known (or loopback, where a round trip never carries a window):
         // never grows.
-        let mut short = window(8 << 20, None);
-        short.grant(size, 0, || now + rtt);
+        let mut short = window(8 << 20);
+        short.grant(size, 0, || None, || now + rtt);
         assert_eq!(short.size, size);
     }
 }

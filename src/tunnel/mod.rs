@@ -89,15 +89,10 @@ impl Stale {
 }
 
 /// Ask the server to listen on the tunnel's port: `Ok(false)` when it refuses (the port is
-/// held by another session). Once granted, the request's own round trip is the first the
-/// session knows of the path (session/flight.rs, channel/window.rs). It is taken from the
-/// SSH session, not from the kernel: a hop that terminates TCP (a transparent proxy, a load
-/// balancer, a `[tunnel] proxy`) makes the kernel's look like the hop's, a millisecond where
-/// the server is 40 away, and a budget or window sized on that would throttle the path. The
-/// request's time includes the server's work on it, so it errs long: a larger budget, never
-/// a smaller one. The liveness probes refine it (`Session::closed`). The kernel's reading of
-/// the connection (`socket`) is kept beside it: where the two agree it is the more exact one
-/// (`FlightControl::rtt`).
+/// held by another session). Once granted, the first samples of the path's round trip
+/// (session/flight.rs `FlightControl::rtt`, which the budget and the channels' windows use):
+/// the request's own time, a ping's, and the kernel's reading of the connection (`socket`).
+/// The liveness probes refine them (`Session::closed`).
 async fn request_forward(
     handle: &Handle<SessionHandler>,
     shared: &SessionShared,
@@ -116,12 +111,10 @@ async fn request_forward(
             if let Ok(Ok(())) = tokio::time::timeout(PATH_PROBE_WAIT, handle.send_ping()).await {
                 let _ = shared.flight.round_trip(pinged.elapsed());
             }
-            note_kernel_round_trip(shared, socket);
+            let kernel = note_kernel_round_trip(shared, socket);
             log::debug!(
-                "round trip to {server}: {:?} (the forward request's {:?} and a ping, the kernel's {:?}); windows and the budget for data in flight follow from it",
+                "round trip to {server}: {:?} (the forward request's {forward:?} and a ping, the kernel's {kernel:?}); windows and the budget for data in flight follow from it",
                 shared.flight.rtt().unwrap_or_default(),
-                forward,
-                socket.and_then(sys::tcp_round_trip),
             );
             Ok(true)
         }
@@ -132,10 +125,11 @@ async fn request_forward(
     }
 }
 
-fn note_kernel_round_trip(shared: &SessionShared, socket: Option<&OwnedFd>) {
-    if let Some(rtt) = socket.and_then(sys::tcp_round_trip) {
-        shared.flight.kernel_round_trip(rtt);
-    }
+/// The kernel's round trip of the session's connection, noted for `FlightControl::rtt`.
+fn note_kernel_round_trip(shared: &SessionShared, socket: Option<&OwnedFd>) -> Option<Duration> {
+    let rtt = socket.and_then(sys::tcp_round_trip)?;
+    shared.flight.kernel_round_trip(rtt);
+    Some(rtt)
 }
 
 async fn probe(
@@ -358,7 +352,7 @@ impl Session {
                         let probe = (deadline - self.keepalive_window).elapsed();
                         let before = self.shared.flight.rtt();
                         let _ = self.shared.flight.round_trip(probe);
-                        note_kernel_round_trip(&self.shared, self.socket.as_ref());
+                        let _ = note_kernel_round_trip(&self.shared, self.socket.as_ref());
                         let now = self.shared.flight.rtt();
                         if now != before {
                             log::debug!(
