@@ -65,9 +65,9 @@ pub fn set_int_option(
     }
 }
 
-/// The kernel's round-trip time of a TCP connection: its recent minimum where the kernel keeps
-/// one (Linux 4.6 and later), else its smoothed estimate; `None` before any was measured.
-pub fn tcp_round_trip(socket: &impl AsRawFd) -> Option<std::time::Duration> {
+/// A TCP connection's `tcp_info` and how many of its bytes the kernel filled in (an older
+/// kernel fills less of it); `None` if the descriptor is not a TCP socket.
+fn tcp_info(socket: &impl AsRawFd) -> Option<(libc::tcp_info, usize)> {
     // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -82,14 +82,24 @@ pub fn tcp_round_trip(socket: &impl AsRawFd) -> Option<std::time::Duration> {
             &mut len,
         )
     };
-    if rc != 0 {
-        return None;
-    }
-    let has_min = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
+    (rc == 0).then_some((info, len as usize))
+}
+
+/// The kernel's round-trip time of a TCP connection: its recent minimum where the kernel keeps
+/// one (Linux 4.6 and later), else its smoothed estimate; `None` before any was measured.
+pub fn tcp_round_trip(socket: &impl AsRawFd) -> Option<std::time::Duration> {
+    let (info, len) = tcp_info(socket)?;
+    let has_min = len >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
     let us = if has_min && info.tcpi_min_rtt > 0 && info.tcpi_min_rtt != u32::MAX {
         info.tcpi_min_rtt
     } else {
         info.tcpi_rtt
     };
     (us > 0).then(|| std::time::Duration::from_micros(u64::from(us)))
+}
+
+/// Whether a TCP connection has sent segments the peer has not acknowledged: what a silent
+/// path or server looks like from our side (a session stuck at home sends nothing).
+pub fn tcp_unacknowledged(socket: &impl AsRawFd) -> Option<bool> {
+    tcp_info(socket).map(|(info, _)| info.tcpi_unacked > 0)
 }

@@ -363,9 +363,22 @@ impl Session {
                         }
                     }
                     if r.is_err() && !progressed {
+                        // Which of the two: the server (or the path) silent, or our session
+                        // stuck at home. The keepalives would say the first a moment later;
+                        // the probe may get there first, and must not call it the second.
+                        let silent = self
+                            .socket
+                            .as_ref()
+                            .and_then(sys::tcp_unacknowledged)
+                            .unwrap_or(false);
+                        let window = self.keepalive_window;
                         self.finished = true;
                         self.tear_down();
-                        return TunnelError::Wedged { window: self.keepalive_window };
+                        return if silent {
+                            TunnelError::KeepaliveTimeout { window }
+                        } else {
+                            TunnelError::Wedged { window }
+                        };
                     }
                     self.probe_deadline = None;
                     self.next_probe = tokio::time::Instant::now() + if self.path_probes > 0 {
