@@ -200,8 +200,6 @@ const _: () = assert!(2 * COALESCE_BYTES <= SSH_WINDOW_SIZE as usize / 2);
 pub const COALESCE_MIN_RCVBUF: usize = 4 * COALESCE_BYTES;
 /// While the buffer is smaller, the check is repeated every this many large reads.
 pub const COALESCE_RETRY_READS: u8 = 32;
-/// Reads from the SSH server shorter than this re-arm TCP_QUICKACK (see transport.rs).
-pub const QUICKACK_BELOW: usize = 16 * 1024;
 /// Server -> target: queued packets go out in one vectored write of up to this many bytes
 /// and `SPLICE_IOVECS` pieces.
 pub const SPLICE_BATCH: usize = 256 * 1024;
