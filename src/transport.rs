@@ -328,11 +328,9 @@ impl AsyncRead for Transport {
                 // shorter than a full one, which the kernel ACKs only when its delayed-ACK
                 // timer fires, and until then sshd's Nagle holds any small packet (another
                 // channel's ping) behind it. A slow target's data arrives as such bursts
-                // all the time, one per window grant: re-armed only after reads under 16 KiB
-                // or after the coalescing fallback, a read of a whole burst left its tail
-                // waiting, and the others' ping p99 beside a 64 MiB/s target was 15-17 ms
-                // (OpenSSH 9-10). A read that fills the buffer leaves more to come, which
-                // the kernel ACKs as it arrives.
+                // all the time, one per window grant, and a read may take a whole burst
+                // (README, "A long COPY"). A read that fills the buffer leaves more to
+                // come, which the kernel ACKs as it arrives.
                 if n < this.rbuf.len() {
                     match &this.acker {
                         Some(acker) => acker.due.notify_one(),

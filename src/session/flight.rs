@@ -87,11 +87,11 @@ impl FlightControl {
         self.gauge.inc_by(n);
     }
 
-    /// A round trip to the server (an SSH request and its answer) took `d`; `true` if it is
-    /// the shortest yet.
-    pub fn round_trip(&self, d: Duration) -> bool {
+    /// A round trip to the server (an SSH request and its answer) took `d`; the shortest
+    /// counts.
+    pub fn round_trip(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1);
-        self.round_trip_us.fetch_min(us, Ordering::Relaxed) > us
+        self.round_trip_us.fetch_min(us, Ordering::Relaxed);
     }
 
     /// The kernel's minimum round trip of the session's TCP connection is now `d`.
@@ -278,8 +278,10 @@ mod tests {
         let long = interactive(Duration::from_millis(20));
         assert_eq!(long.budget(), Some(FLIGHT_RATE / 50));
         // The shortest round trip counts: one taken under load does not raise it.
-        assert!(!long.round_trip(Duration::from_millis(200)));
-        assert!(long.round_trip(Duration::from_millis(10)));
+        long.round_trip(Duration::from_millis(200));
+        assert_eq!(long.rtt(), Some(Duration::from_millis(20)));
+        long.round_trip(Duration::from_millis(10));
+        assert_eq!(long.rtt(), Some(Duration::from_millis(10)));
         assert_eq!(long.budget(), Some(FLIGHT_RATE / 100));
     }
 
