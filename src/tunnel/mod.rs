@@ -107,8 +107,8 @@ async fn request_forward(
             shared.flight.round_trip(forward);
             // The request's answer waited on sshd's work (80 ms on a 40 ms path, 1 ms on
             // loopback): a ping straight after is the first fair sample.
-            let pinged = Instant::now();
-            if let Ok(Ok(())) = tokio::time::timeout(PATH_PROBE_WAIT, handle.send_ping()).await {
+            let pinged = tokio::time::Instant::now();
+            if probe(handle, Some(pinged + PATH_PROBE_WAIT)).await.is_ok() {
                 shared.flight.round_trip(pinged.elapsed());
             }
             let kernel = note_kernel_round_trip(shared, socket);
@@ -132,6 +132,7 @@ fn note_kernel_round_trip(shared: &SessionShared, socket: Option<&OwnedFd>) -> O
     Some(rtt)
 }
 
+/// A ping that must come back by `deadline` (`None`: now).
 async fn probe(
     handle: &Handle<SessionHandler>,
     deadline: Option<tokio::time::Instant>,
