@@ -66,15 +66,32 @@ impl NetNs {
 }
 
 impl NetNs {
-    /// `python3 -m http.server` on port 8080 at `bind` inside, serving `dir`; kill it when done.
+    /// `python3 -m http.server` on port 8080 at `bind` inside, serving `dir`, once it listens
+    /// (a test's first request must not race its start: a refused second address would leave
+    /// only a black-holed first); kill it when done.
     pub fn serve_http(&self, dir: &Path, bind: &str) -> std::process::Child {
-        command_in(Some(&self.name), "python3")
+        let child = command_in(Some(&self.name), "python3")
             .args(["-m", "http.server", "8080", "--bind", bind, "--directory"])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap()
+            .unwrap();
+        let at = if bind == "0.0.0.0" { "127.0.0.1" } else { bind };
+        let at: std::net::IpAddr = at.parse().unwrap();
+        let listening = self
+            .within(move || {
+                super::eventually(std::time::Duration::from_secs(20), move || async move {
+                    tokio::net::TcpStream::connect((at, 8080)).await.is_ok()
+                })
+            })
+            .join()
+            .unwrap();
+        assert!(
+            listening,
+            "python3 -m http.server did not listen on {at}:8080 in 20 s"
+        );
+        child
     }
 }
 
