@@ -15,7 +15,7 @@
 //!
 //! Writes target/bench-longpath.json.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use secoda_agent_harness::load::*;
 use secoda_agent_harness::*;
@@ -48,8 +48,6 @@ struct Round {
     upload: f64,
     download: f64,
     mixed_bulk: f64,
-    mixed_p50: f64,
-    mixed_p99: f64,
     /// The ping's exchanges, ms.
     pings: Vec<f64>,
 }
@@ -145,9 +143,15 @@ fn main() {
                 .within(move || measure(ports, bulk, mixed_for))
                 .join()
                 .unwrap();
+            let mut pings = r.pings.clone();
             eprintln!(
                 "  upload {:.1} download {:.1} mixed {:.1} MiB/s, ping p50 {:.1} p99 {:.1} ms ({} exchanges)",
-                r.upload, r.download, r.mixed_bulk, r.mixed_p50, r.mixed_p99, r.pings.len()
+                r.upload,
+                r.download,
+                r.mixed_bulk,
+                percentile(&mut pings, 0.5),
+                percentile(&mut pings, 0.99),
+                pings.len()
             );
             if is_agent {
                 agent_rounds.push(r);
@@ -187,10 +191,10 @@ fn main() {
             median(r.iter().map(|r| r.mixed_bulk).collect())
         }),
         ("2 downloads + ping-pong: ping p50 ms", |r| {
-            percentile(pooled(r), 50)
+            percentile(&mut pooled(r), 0.5)
         }),
         ("2 downloads + ping-pong: ping p99 ms", |r| {
-            percentile(pooled(r), 99)
+            percentile(&mut pooled(r), 0.99)
         }),
     ];
     println!(
@@ -228,20 +232,6 @@ fn main() {
     std::process::exit(0);
 }
 
-async fn wait_listening(port: u16) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < until {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("nothing listens on the server's port {port}");
-}
-
 async fn measure(p: Ports, bulk: u64, mixed_for: Duration) -> Round {
     let mut r = Round {
         upload: upload(LISTEN, p.sink, bulk).await,
@@ -256,8 +246,6 @@ async fn measure(p: Ports, bulk: u64, mixed_for: Duration) -> Round {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     r.mixed_bulk = a.await.unwrap() + b.await.unwrap();
     r.pings = pings.await.unwrap();
-    r.mixed_p50 = percentile(r.pings.clone(), 50);
-    r.mixed_p99 = percentile(r.pings.clone(), 99);
     r
 }
 
@@ -268,26 +256,10 @@ fn pooled(rounds: &[Round]) -> Vec<f64> {
         .collect()
 }
 
-fn percentile(mut v: Vec<f64>, p: usize) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
 /// Straight across the path to the sink, no tunnel: the ceiling.
 async fn plain_tcp(sink: u16, bulk: u64) -> f64 {
     let s = tokio::net::TcpStream::connect((NEAR_ADDR, sink))
         .await
         .unwrap();
     send_counted(s, bulk).await
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use secoda_agent_harness::load::*;
 use secoda_agent_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// `BENCH_CIPHER=<ssh cipher name>`: the server offers only that cipher, so both clients use
 /// it (like for like). Unset: sshd's default offer and each client's own preference, which is
@@ -285,21 +285,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn wait_listening(port: u16) {
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
-        .await,
-        "the client never opened the listen port"
-    );
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
 #[derive(Default, Clone)]
 struct Round {
     upload_mibs: f64,
@@ -518,11 +503,6 @@ async fn fanout(pid: u32, listen: u16, svc: &Services, sc: &Scale, r: &mut Round
         .load(std::sync::atomic::Ordering::Relaxed)
         .max(rss_kib(pid));
     r.rss_fanout_mib = peak as f64 / 1024.0;
-}
-
-fn median(v: Vec<f64>) -> f64 {
-    let mut v = v;
-    percentile(&mut v, 0.5)
 }
 
 fn loopback_ceiling(bytes: u64) -> f64 {

@@ -99,6 +99,11 @@ where
     }
 }
 
+/// Whether something accepts TCP connections at `addr` within `timeout`.
+pub async fn listening(addr: std::net::SocketAddr, timeout: Duration) -> bool {
+    eventually(timeout, || async { TcpStream::connect(addr).await.is_ok() }).await
+}
+
 /// Poll until `f` is true or the timeout passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
 where

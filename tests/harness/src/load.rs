@@ -74,7 +74,9 @@ pub async fn download_until(listen: u16, source: u16, stop: Arc<AtomicBool>) -> 
 }
 
 /// One channel to the echo service on `echo`, a 100-byte exchange every `PING_EVERY`, until
-/// `done` (given the count so far): each exchange's time, ms.
+/// `done` (given the count so far): each exchange's time, ms. An exchange that takes longer
+/// than `PING_EVERY` is followed by the next at once (the interval catches up), so on a long
+/// path the count is the phase's length over the exchange's time, not over `PING_EVERY`.
 pub async fn paced_pings(listen: u16, echo: u16, done: impl Fn(usize) -> bool) -> Vec<f64> {
     let (code, s) = socks5(listen, "127.0.0.1", echo).await;
     assert_eq!(code, 0);
@@ -96,4 +98,26 @@ pub async fn paced_pings(listen: u16, echo: u16, done: impl Fn(usize) -> bool) -
 /// Paced pings until `stop` is set.
 pub async fn pings_until(listen: u16, echo: u16, stop: Arc<AtomicBool>) -> Vec<f64> {
     paced_pings(listen, echo, move |_| stop.load(Ordering::Relaxed)).await
+}
+
+/// The bench's own tunnel port (`ssh -R`, the agent) on the server's side is open; panics
+/// after 30 s.
+pub async fn wait_listening(port: u16) {
+    assert!(
+        super::listening(([127, 0, 0, 1], port).into(), Duration::from_secs(30)).await,
+        "nothing listens on the server's port {port}"
+    );
+}
+
+/// The `p` quantile (0 to 1) of `v`, the nearest rank; sorts `v`. 0 for no values.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    percentile(&mut v, 0.5)
 }

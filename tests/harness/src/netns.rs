@@ -78,13 +78,9 @@ impl NetNs {
             .spawn()
             .unwrap();
         let at = if bind == "0.0.0.0" { "127.0.0.1" } else { bind };
-        let at: std::net::IpAddr = at.parse().unwrap();
+        let addr = std::net::SocketAddr::new(at.parse().unwrap(), 8080);
         let listening = self
-            .within(move || {
-                super::eventually(std::time::Duration::from_secs(20), move || async move {
-                    tokio::net::TcpStream::connect((at, 8080)).await.is_ok()
-                })
-            })
+            .within(move || super::listening(addr, std::time::Duration::from_secs(20)))
             .join()
             .unwrap();
         assert!(
