@@ -216,7 +216,7 @@ ok "template unit: two tunnels side by side, own status socket, metrics and jour
 
 step "Debian 12: two agents for one port: the second stands by, and takes over on systemctl stop"
 write_config eu "$listen_port"
-printf 'standby_retry = "1s"\n' >> "$ROOT/etc/secoda-agent/eu.toml"
+printf 'standby_retry = "1s"\npair = true\n' >> "$ROOT/etc/secoda-agent/eu.toml"
 inside chown root:secoda-agent /etc/secoda-agent/eu.toml
 inside chmod 0640 /etc/secoda-agent/eu.toml
 since=$(inside date '+%Y-%m-%d %H:%M:%S')
@@ -489,7 +489,8 @@ grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail
 check_connected
 ok "listen_port: 0 fails at validate; the agent keeps serving (pid $pid)"
 ansible_vars "$eu_port" > "$ROOT/root/vars-eu.yml"
-playbook -e @/root/vars-eu.yml -e secoda_agent_instance=eu > "$work/ansible-4.log" 2>&1 || fail "instance run: $(tail -30 "$work/ansible-4.log")"
+playbook -e @/root/vars-eu.yml -e secoda_agent_instance=eu -e secoda_agent_pair=true > "$work/ansible-4.log" 2>&1 || fail "instance run: $(tail -30 "$work/ansible-4.log")"
+inside grep -x "pair = true" /etc/secoda-agent/eu.toml >/dev/null || fail "secoda_agent_pair=true did not set [tunnel] pair: $(inside cat /etc/secoda-agent/eu.toml | grep -v key_base64)"
 wait_active secoda-agent@eu
 [ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/eu.toml)" = "root:secoda-agent 640" ] || fail "eu.toml: $(inside stat -c '%U:%G %a' /etc/secoda-agent/eu.toml)"
 fetch_through "$eu_port" "curl through secoda-agent@eu"

@@ -42,6 +42,10 @@ pub enum TunnelError {
     #[error("the SSH session stopped responding for {window:?}; tearing it down")]
     Wedged { window: Duration },
 
+    /// Only for a host that is not one of a pair (`[tunnel] pair`); a pair's host stands by.
+    #[error("the server {server} refused to listen on {listen}: the port is held by another session (a tunnel on another host, an old Docker container, or a session the server has not timed out yet), or this account may not forward it (sshd's PermitListen or AllowTcpForwarding, a mistyped [tunnel] listen_port, a port taken by another process on the server); if another host runs this tunnel on purpose, set [tunnel] pair = true on both")]
+    ForwardRefused { server: String, listen: String },
+
     #[error("the SSH session was lost: {reason}")]
     Lost { reason: String },
 
@@ -82,6 +86,7 @@ impl TunnelError {
             TunnelError::AuthRejected { .. } => "auth_rejected",
             TunnelError::KeepaliveTimeout { .. } => "keepalive_timeout",
             TunnelError::Wedged { .. } => "wedged",
+            TunnelError::ForwardRefused { .. } => "forward_refused",
             TunnelError::Lost { .. } => "lost",
             TunnelError::ProxyUnreachable { .. } => "proxy_unreachable",
             TunnelError::ProxyTimeout { .. } => "proxy_timeout",

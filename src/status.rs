@@ -192,8 +192,15 @@ pub fn render(s: &Snapshot) -> String {
         None => out += "  connected:  no\n",
     }
     if let Some(t) = s.standby_since {
+        let (label, then) = match s.state {
+            State::Refused => (
+                "refused:   ",
+                "an error: this host is not one of a pair ([tunnel] pair); asked for again, taken when granted",
+            ),
+            _ => ("standby:   ", "one of a pair: taken over when freed"),
+        };
         out += &format!(
-            "  standby:    the port is held by another session (another host running this tunnel, or a session the server has not timed out yet) since {} ({}); taken over when freed\n",
+            "  {label} the server refuses the port since {} ({}): held by another session, or not permitted; {then}\n",
             utc(t),
             span(s.now.saturating_sub(t))
         );

@@ -23,9 +23,11 @@ use crate::count::OpenCount;
 pub enum State {
     Connecting,
     Up,
-    /// Connected and healthy, but the server's port is held by another session (another
-    /// host running this tunnel, or a session the server has not timed out yet).
+    /// One of a pair (`[tunnel] pair`): connected and healthy, but the server refuses the
+    /// port, normally because the other host holds it.
     Standby,
+    /// Not one of a pair: connected, but the server refuses the port. An error.
+    Refused,
     Reconnecting,
     Stopping,
 }
@@ -36,6 +38,7 @@ impl State {
             State::Connecting => "connecting",
             State::Up => "up",
             State::Standby => "standby",
+            State::Refused => "refused",
             State::Reconnecting => "reconnecting",
             State::Stopping => "stopping",
         }
@@ -58,9 +61,12 @@ pub struct Snapshot {
     pub proxy: Option<String>,
     /// Unix seconds; set while the tunnel is up (or standing by).
     pub connected_since: Option<u64>,
-    /// Unix seconds; set while standing by: since when the port is held by another session.
+    /// Unix seconds; set while standing by or refused: since when the server refuses the port.
     #[serde(default)]
     pub standby_since: Option<u64>,
+    /// `[tunnel] pair`: a refused port is a standby (the other host serves), not an error.
+    #[serde(default)]
+    pub pair: bool,
     /// Sessions established after the first one.
     pub reconnects: u64,
     pub last_error: Option<LastError>,
@@ -98,6 +104,13 @@ struct RouteLabels {
     proxy: String,
 }
 
+/// The tunnel a host serves, the same on both hosts of a pair: the alert rules group by it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    tunnel: String,
+    pair: String,
+}
+
 /// Where the tunnel goes, as `status` and the metrics show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoints {
@@ -107,6 +120,8 @@ pub struct Endpoints {
     pub listen: String,
     /// `scheme://host:port` of the proxy, without credentials.
     pub proxy: Option<String>,
+    /// `[tunnel] pair`.
+    pub pair: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +135,7 @@ pub struct Metrics {
     tunnel_up: Gauge,
     standby: Gauge,
     route: Family<RouteLabels, Gauge>,
+    tunnel: Family<TunnelLabels, Gauge>,
     reconnects: Counter,
     session_age: Gauge<f64, AtomicU64>,
     channels_active: Gauge,
@@ -142,6 +158,7 @@ impl Metrics {
         let tunnel_up = Gauge::default();
         let standby = Gauge::default();
         let route = Family::<RouteLabels, Gauge>::default();
+        let tunnel = Family::<TunnelLabels, Gauge>::default();
         let reconnects = Counter::default();
         let session_age = Gauge::<f64, AtomicU64>::default();
         let channels_active = Gauge::default();
@@ -161,13 +178,18 @@ impl Metrics {
         );
         registry.register(
             "standby",
-            "1 while the session is up but the server's port is held by another session (another host running this tunnel): standing by to take it over",
+            "1 while one host of a pair ([tunnel] pair) has its session up but the server refuses the port (normally: the other host holds it): standing by to take it over",
             standby.clone(),
         );
         registry.register(
             "tunnel_route",
             "1 for the SSH server and the proxy (empty: none) the tunnel goes through",
             route.clone(),
+        );
+        registry.register(
+            "tunnel_info",
+            "1, labelled with the tunnel this host serves (server/listen address, the same on both hosts of a pair) and whether it is one of a pair",
+            tunnel.clone(),
         );
         registry.register(
             "reconnects",
@@ -234,6 +256,7 @@ impl Metrics {
             tunnel_up,
             standby,
             route,
+            tunnel,
             reconnects,
             session_age,
             channels_active,
@@ -258,6 +281,13 @@ impl Metrics {
             .get_or_create(&RouteLabels {
                 server: e.server.clone(),
                 proxy: e.proxy.clone().unwrap_or_default(),
+            })
+            .set(1);
+        self.tunnel.clear();
+        self.tunnel
+            .get_or_create(&TunnelLabels {
+                tunnel: format!("{}/{}", e.server, e.listen),
+                pair: e.pair.to_string(),
             })
             .set(1);
     }
@@ -357,8 +387,8 @@ impl Telemetry {
 
     pub fn up(&self) {
         let mut i = lock(&self.inner);
-        // A standby session that takes the port over is the same session.
-        if i.state != State::Standby {
+        // A standby (or refused) session that takes the port over is the same session.
+        if !matches!(i.state, State::Standby | State::Refused) {
             i.connected = Some((SystemTime::now(), Instant::now()));
             self.count_session(&mut i);
         }
@@ -377,6 +407,22 @@ impl Telemetry {
         self.count_session(&mut i);
         self.metrics.tunnel_up.set(0);
         self.metrics.standby.set(1);
+    }
+
+    /// A session is established, but the server refuses the port and this host is not one
+    /// of a pair: the tunnel is down, with `error` saying why.
+    pub fn refused(&self, error: &str) {
+        let mut i = lock(&self.inner);
+        if i.state != State::Refused {
+            i.connected = Some((SystemTime::now(), Instant::now()));
+            i.standby_since = Some(SystemTime::now());
+            self.count_session(&mut i);
+        }
+        i.state = State::Refused;
+        self.metrics.tunnel_up.set(0);
+        self.metrics.standby.set(0);
+        drop(i);
+        self.error(error);
     }
 
     fn count_session(&self, i: &mut Inner) {
@@ -451,6 +497,7 @@ impl Telemetry {
             proxy: i.endpoints.proxy.clone(),
             connected_since: i.connected.map(|(t, _)| unix(t)),
             standby_since: i.standby_since.map(unix),
+            pair: i.endpoints.pair,
             reconnects: i.sessions.saturating_sub(1),
             last_error: i.last_error.clone(),
             channels,

@@ -277,7 +277,7 @@ async fn a_vanished_active_host_is_replaced_once_the_server_gives_up_on_it() {
         "ClientAliveInterval 3\nClientAliveCountMax 2\n",
     );
     let listen = 10126;
-    let toml = sshd.agent_toml(listen, "standby_retry = \"1s\"\n");
+    let toml = sshd.agent_toml(listen, "standby_retry = \"1s\"\npair = true\n");
     let first = Agent::start_in(Some(&ns.name), &toml, &[], &[]);
     first.wait_ready().await;
     let second = Agent::start_in(Some(&ns.name), &toml, &[], &[]);

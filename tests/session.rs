@@ -312,14 +312,40 @@ async fn the_tunnel_comes_back_after_sshd_is_killed_and_restarted() {
     assert_serves(listen).await;
 }
 
-/// A held port (here by OpenSSH's client, as a previous session would hold it) is a standby,
-/// not a failure: the agent keeps its session, says so once, and takes the port the moment
-/// it is freed.
+/// The metrics endpoint's text.
+async fn metrics_text(mport: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", mport))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// `secoda_agent_standby` and `secoda_agent_tunnel_up` from a metrics endpoint.
+async fn standby_and_up(mport: u16) -> (f64, f64) {
+    let body = metrics_text(mport).await;
+    let get = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}:\n{body}"))
+    };
+    (get("secoda_agent_standby"), get("secoda_agent_tunnel_up"))
+}
+
+/// A port held by another session (here OpenSSH's client, as a previous session or a forgotten
+/// Docker container would hold it) on a host that is not one of a pair: an error at every
+/// attempt, down in status and the metrics, never a quiet standby. The session is kept, and
+/// the port taken the moment it is freed.
 #[tokio::test]
-async fn a_listen_port_still_held_is_stood_by_until_free() {
+async fn a_held_listen_port_is_an_error_until_free_without_pair() {
     let sshd = Sshd::start();
     let listen = free_port();
-    // A plain OpenSSH client holds the port first, as a previous session would.
+    let mport = free_port();
     let mut holder = sshd
         .openssh_forward(listen, &[])
         .stdout(Stdio::null())
@@ -333,16 +359,108 @@ async fn a_listen_port_still_held_is_stood_by_until_free() {
         .await
     );
 
-    let agent = Agent::start(&sshd.agent_toml(listen, "standby_retry = \"1s\"\n"));
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        &format!("standby_retry = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"),
+    ));
+    // Every attempt (the first few: then summaries) is an ERROR naming the likely causes.
     assert!(
         agent
-            .wait_output("is held by another session", Duration::from_secs(10))
+            .wait_output_count(
+                "refused to listen on 127.0.0.1:",
+                3,
+                Duration::from_secs(15)
+            )
+            .await,
+        "{}",
+        agent.output()
+    );
+    let out = agent.output();
+    let errors: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("ERROR") && l.contains("refused to listen"))
+        .collect();
+    assert!(errors.len() >= 3, "{out}");
+    assert!(errors[0].contains("held by another session"), "{out}");
+    assert!(errors[0].contains("PermitListen"), "{out}");
+    assert!(errors[0].contains("[tunnel] pair = true"), "{out}");
+    assert!(!out.contains("standing by"), "{out}");
+    let (code, text) = agent.status(&[]);
+    assert_eq!(code, 3, "a refused port is down: {text}");
+    assert!(text.contains("tunnel refused"), "{text}");
+    assert!(text.contains("last error"), "{text}");
+    assert_eq!(standby_and_up(mport).await, (0.0, 0.0));
+    // STATUS says so; READY=1 waits for the port as for any failure.
+    assert!(
+        agent
+            .notifications()
+            .iter()
+            .any(|n| n.contains("STATUS=refused: connected to")),
+        "{:?}",
+        agent.notifications()
+    );
+    assert!(
+        !agent.notifications().iter().any(|n| n.contains("READY=1")),
+        "{:?}",
+        agent.notifications()
+    );
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(
+        agent
+            .wait_output("took the server's port", Duration::from_secs(5))
             .await,
         "{}",
         agent.output()
     );
     agent.wait_ready().await;
-    assert_eq!(agent.status(&[]).0, 5, "{}", agent.status(&[]).1);
+    assert_serves(listen).await;
+    assert_eq!(agent.status(&[]).0, 0);
+    assert_eq!(standby_and_up(mport).await, (0.0, 1.0));
+    assert!(
+        agent.output().contains("recovered after"),
+        "{}",
+        agent.output()
+    );
+}
+
+/// The same held port on a host of a pair (`[tunnel] pair = true`): a quiet standby, one line,
+/// status exit 5, taken over the moment it is freed.
+#[tokio::test]
+async fn a_held_listen_port_is_stood_by_until_free_in_a_pair() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let mut holder = sshd
+        .openssh_forward(listen, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
+        })
+        .await
+    );
+
+    let agent = Agent::start(&sshd.agent_toml(listen, "standby_retry = \"1s\"\npair = true\n"));
+    assert!(
+        agent
+            .wait_output("standing by", Duration::from_secs(10))
+            .await,
+        "{}",
+        agent.output()
+    );
+    agent.wait_ready().await;
+    let (code, text) = agent.status(&[]);
+    assert_eq!(code, 5, "{text}");
+    assert!(
+        text.contains("held by another session, or not permitted"),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!agent.output().contains("ERROR"), "{}", agent.output());
     holder.kill().unwrap();
     holder.wait().unwrap();
     assert!(
@@ -354,6 +472,39 @@ async fn a_listen_port_still_held_is_stood_by_until_free() {
     );
     assert_serves(listen).await;
     assert_eq!(agent.status(&[]).0, 0);
+}
+
+/// The server forbids the port (`PermitListen` names another): without `pair` an error at
+/// every attempt and down; with it, a standby, but the metrics let the pair's alert see that
+/// nobody serves (tests/monitoring.rs has the rule's tests).
+#[tokio::test]
+async fn a_forbidden_listen_port_is_an_error_not_a_standby() {
+    let sshd = Sshd::start_with("PermitListen 127.0.0.1:1\n");
+    let listen = free_port();
+    let mport = free_port();
+    let agent = Agent::start(&sshd.agent_toml(
+        listen,
+        &format!("standby_retry = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"),
+    ));
+    assert!(
+        agent
+            .wait_output_count("refused to listen on", 2, Duration::from_secs(15))
+            .await,
+        "{}",
+        agent.output()
+    );
+    let (code, text) = agent.status(&[]);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("not permitted"), "{text}");
+    assert_eq!(standby_and_up(mport).await, (0.0, 0.0));
+    let metrics = metrics_text(mport).await;
+    assert!(
+        metrics.contains(&format!(
+            "secoda_agent_tunnel_info{{tunnel=\"127.0.0.1:{}/127.0.0.1:{listen}\",pair=\"false\"}} 1",
+            sshd.port
+        )),
+        "{metrics}"
+    );
 }
 
 /// One channel's target never reads; another moves 100 MiB; sshd checks that the client keeps

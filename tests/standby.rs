@@ -70,7 +70,9 @@ async fn a_second_agent_stands_by_and_takes_over_when_the_first_stops_or_dies() 
     let toml = |mport: u16| {
         sshd.agent_toml(
             listen,
-            &format!("standby_retry = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"),
+            &format!(
+                "standby_retry = \"1s\"\npair = true\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"
+            ),
         )
     };
     let mut first = Agent::start(&toml(m1));
@@ -177,4 +179,90 @@ async fn a_second_agent_stands_by_and_takes_over_when_the_first_stops_or_dies() 
     took.expect("the standby did not take over after SIGKILL");
     assert_eq!(third.status(&[]).0, 0);
     assert_eq!(complaints(&third), Vec::<String>::new());
+}
+
+/// A take-over request the server never answers (the standby's sshd processes frozen) must
+/// not hold up signals: SIGTERM stops the standby within its drain bound, not after the
+/// request's own timeout (30 s) or the keepalives' verdict (here 30 s).
+#[tokio::test]
+async fn a_standby_stops_promptly_while_its_take_over_hangs() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let toml = sshd.agent_toml(
+        listen,
+        "standby_retry = \"1s\"\npair = true\nkeepalive_interval = \"10s\"\nkeepalive_max = 3\n[forward]\nshutdown_timeout = \"2s\"\n",
+    );
+    let first = Agent::start(&toml);
+    first.wait_ready().await;
+    let mut second = Agent::start(&toml);
+    second.wait_ready().await;
+    assert_eq!(second.status(&[]).0, 5, "{}", second.output());
+
+    // The standby's connection to sshd, by its local port, then the sshd processes at the
+    // server's end of it.
+    let conns = String::from_utf8(
+        std::process::Command::new("ss")
+            .args(["-Htnp", "state", "established"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let pid = second.child.id();
+    let port_of = |addr: &str| addr.rsplit_once(':').map(|(_, p)| p.to_string());
+    let local = conns
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace().skip(2);
+            let (local, peer) = (cols.next()?, cols.next()?);
+            (port_of(peer)? == sshd.port.to_string()).then(|| port_of(local))?
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no connection of pid {pid} to sshd:\n{conns}"));
+    let server_side: Vec<i32> = conns
+        .lines()
+        .filter(|l| {
+            let mut cols = l.split_whitespace().skip(2);
+            let (Some(a), Some(b)) = (cols.next(), cols.next()) else {
+                return false;
+            };
+            port_of(a).as_deref() == Some(&sshd.port.to_string())
+                && port_of(b) == Some(local.clone())
+        })
+        .flat_map(|l| {
+            l.split("pid=")
+                .skip(1)
+                .filter_map(|p| p.split(',').next()?.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    assert!(
+        !server_side.is_empty(),
+        "no sshd process for port {local}:\n{conns}"
+    );
+    for &p in &server_side {
+        unsafe { libc::kill(p, libc::SIGSTOP) };
+    }
+    // A take-over request is now under way (every second) and unanswered.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    second.signal(libc::SIGTERM);
+    let asked = Instant::now();
+    let exited = second.wait_exit(Duration::from_secs(40)).await;
+    let took = asked.elapsed();
+    for &p in &server_side {
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    assert!(
+        exited.is_some(),
+        "the standby did not stop: {}",
+        second.output()
+    );
+    // shutdown_timeout (2 s, nothing to drain), the disconnect's bound (5 s), and slack.
+    assert!(
+        took < Duration::from_secs(10),
+        "the standby stopped {took:?} after SIGTERM: {}",
+        second.output()
+    );
+    assert_eq!(first.status(&[]).0, 0);
 }

@@ -319,6 +319,7 @@ mod tests {
                 server: "s:22".into(),
                 listen: "l:1".into(),
                 proxy: None,
+                pair: false,
             },
         );
         Fixture {

@@ -96,8 +96,11 @@ pub struct TunnelConfig {
     pub keepalive_max: u32,
     /// `None`: connect to the server directly.
     pub proxy: Option<Proxy>,
-    /// While the server's port is held by another session (standby), how often to ask for it.
+    /// While the server refuses the forward, how often to ask for it again.
     pub standby_retry: Duration,
+    /// This host is one of a pair running the same tunnel: a refused forward means the other
+    /// host serves, and this one stands by quietly. Without it a refused forward is an error.
+    pub pair: bool,
 }
 
 impl TunnelConfig {
@@ -313,7 +316,7 @@ impl Config {
              client key:    {key}\n\
              host key pins: {pins}\n\
              keepalive:     every {ki:?}, dead after {km} unanswered\n\
-             standby:       while the port is held by another session, ask for it every {sr:?}\n\
+             pair:          {pair}\n\
              forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel in memory, then {ms} on disk; a target idle {stall:?} with data waiting is cut\n\
              policy:        {policy}\n\
              shutdown:      channels drain for up to {st:?}\n\
@@ -333,7 +336,11 @@ impl Config {
             pins = pins.join(", "),
             ki = t.keepalive_interval,
             km = t.keepalive_max,
-            sr = t.standby_retry,
+            pair = if t.pair {
+                format!("yes: a refused port is a quiet standby (the other host serves); asked for every {:?}", t.standby_retry)
+            } else {
+                format!("no: a refused port is an error, asked for again every {:?}", t.standby_retry)
+            },
             ct = f.connect_timeout,
             mc = f.max_connections,
             mp = show_size(f.max_pending),

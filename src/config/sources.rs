@@ -42,6 +42,7 @@ pub(super) struct RawTunnel {
     pub(super) keepalive_max: Option<i64>,
     pub(super) proxy: Option<String>,
     pub(super) standby_retry: Option<String>,
+    pub(super) pair: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

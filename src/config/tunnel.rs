@@ -248,5 +248,6 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
         keepalive_max,
         proxy,
         standby_retry,
+        pair: t.pair.unwrap_or(false),
     })
 }

@@ -164,7 +164,7 @@ pub(super) async fn ssh(
         r.ok(
             "remote forward",
             format!(
-                "{listen} is held by another session (another host running this tunnel, or a session the server has not timed out yet){since}; the running agent (pid {}) stands by to take it over: not touched",
+                "the server refuses {listen} to the running agent (pid {}){since}: held by another session (the other host of its pair, or a session the server has not timed out yet), or not permitted; it stands by to take it over: not touched",
                 s.pid
             ),
         );
@@ -190,7 +190,7 @@ pub(super) async fn ssh(
             Ok(Err(_)) => r.fail(
                 "remote forward",
                 format!("the server refused to listen on {listen}"),
-                "the port is held by another session: a tunnel on another host, an old Docker container, or a session the server has not timed out yet (wait a minute); else the account may not forward this port: ask Secoda",
+                "held by another session (a tunnel on another host, an old Docker container, or a session the server has not timed out yet: wait a minute), or not permitted (sshd's PermitListen or AllowTcpForwarding, a mistyped listen_port, a port taken on the server: ask Secoda)",
             ),
             Err(_) => r.fail(
                 "remote forward",

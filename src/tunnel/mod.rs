@@ -36,15 +36,16 @@ use handler::{HandlerError, SessionHandler};
 
 /// An established session with the remote forward in place.
 pub struct Session {
-    handle: Handle<SessionHandler>,
+    /// Shared with a take-over in flight (`Session::ask_again`).
+    handle: Arc<Handle<SessionHandler>>,
     shared: Arc<SessionShared>,
     pub listen: (String, u16),
     pub server: String,
     pub since: Instant,
     /// Since when the server has refused the forward on this otherwise healthy session (the
-    /// port is held by another session): the agent stands by and asks again. `None` while
+    /// port held by another session, or not permitted): the agent asks again. `None` while
     /// the forward is in place.
-    standby: Option<Instant>,
+    refused: Option<Instant>,
     keepalive_window: Duration,
     ended: oneshot::Receiver<TunnelError>,
     finished: bool,
@@ -89,7 +90,7 @@ impl Stale {
 }
 
 /// Ask the server to listen on the tunnel's port: `Ok(false)` when it refuses (the port is
-/// held by another session). Once granted, the first samples of the path's round trip
+/// held by another session, or this account may not forward it). Once granted, the first samples of the path's round trip
 /// (session/flight.rs `FlightControl::rtt`, which the budget and the channels' windows use):
 /// the request's own time, a ping's, and the kernel's reading of the connection (`socket`).
 /// The liveness probes refine them (`Session::closed`).
@@ -224,12 +225,12 @@ pub async fn establish(
         }
     };
     Ok(Session {
-        handle,
+        handle: Arc::new(handle),
         shared,
         listen: (t.listen_address.clone(), t.listen_port),
         server,
         since: Instant::now(),
-        standby: (!forwarding).then(Instant::now),
+        refused: (!forwarding).then(Instant::now),
         keepalive_window,
         ended: ended_rx,
         finished: false,
@@ -289,36 +290,39 @@ impl Session {
         self.shared.channels.get()
     }
 
-    /// Since when the session stands by (the server refuses the forward), if it does.
-    pub fn standing_by(&self) -> Option<Instant> {
-        self.standby
+    /// Since when the server refuses the forward, if it does.
+    pub fn refused_since(&self) -> Option<Instant> {
+        self.refused
     }
 
-    /// Ask for the forward again while standing by: `Ok(true)` once the server grants it
-    /// (the session is then active). An error means the session is no longer usable.
-    pub async fn take_over(&mut self) -> Result<bool, TunnelError> {
-        let (address, port) = (self.listen.0.clone(), self.listen.1);
-        let asked = request_forward(
-            &self.handle,
-            &self.shared,
-            &self.server,
-            (&address, port),
-            self.socket.as_ref(),
-        );
-        let granted = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, asked).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(TunnelError::Lost {
+    /// While refused: ask for the forward again, in a task of its own, so that the caller
+    /// keeps serving signals while the server takes its time (a black-holed server never
+    /// answers: the request gives up after `SSH_HANDSHAKE_TIMEOUT`). `Ok(true)`: granted,
+    /// to be noted with [`Session::granted`]; an error means the session is no longer usable.
+    pub fn ask_again(&self) -> tokio::task::JoinHandle<Result<bool, TunnelError>> {
+        let handle = self.handle.clone();
+        let shared = self.shared.clone();
+        let server = self.server.clone();
+        let (address, port) = self.listen.clone();
+        let socket = self.socket.as_ref().and_then(|s| s.try_clone().ok());
+        tokio::spawn(async move {
+            let asked =
+                request_forward(&handle, &shared, &server, (&address, port), socket.as_ref());
+            match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, asked).await {
+                Ok(r) => r,
+                Err(_) => Err(TunnelError::Lost {
                     reason: format!(
                         "no answer to the forward request within {SSH_HANDSHAKE_TIMEOUT:?}"
                     ),
-                })
+                }),
             }
-        };
-        if granted {
-            self.standby = None;
-        }
-        Ok(granted)
+        })
+    }
+
+    /// The server granted the forward asked for by [`Session::ask_again`]: the session is
+    /// active.
+    pub fn granted(&mut self) {
+        self.refused = None;
     }
 
     /// Resolves when the session is over: closed by the server, dead keepalives, or wedged.
@@ -417,7 +421,7 @@ impl Session {
     /// Stop taking new channels and give the listen port back to the server.
     pub async fn stop_accepting(&self) {
         self.shared.accepting.store(false, Ordering::Release);
-        if self.standby.is_some() {
+        if self.refused.is_some() {
             return;
         }
         let (addr, port) = &self.listen;
@@ -441,8 +445,12 @@ impl Session {
                 .handle
                 .disconnect(russh::Disconnect::ByApplication, "agent stopping", "")
                 .await;
-            // The session's task sends the disconnect and ends.
-            let _ = (&mut self.handle).await;
+            // The session's task sends the disconnect and ends. (A forward request still
+            // holding the handle, cancelled by the supervisor, may not have let go of it yet:
+            // the session is torn down on drop all the same.)
+            if let Some(handle) = Arc::get_mut(&mut self.handle) {
+                let _ = handle.await;
+            }
         };
         let _ = tokio::time::timeout(SESSION_CLOSE_WAIT, bye).await;
         left

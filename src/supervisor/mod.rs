@@ -1,21 +1,25 @@
 //! The agent's main loop: keep one session up, reconnect with backoff, apply reloads, and stop
-//! gracefully. Signals reach it as [`Control`] messages, so tests can drive it directly.
+//! gracefully. Signals reach it as [`Control`] messages, so tests can drive it directly. A
+//! refused forward (a pair's standby, or an error) has a room of its own (standby.rs).
+
+mod failures;
+mod standby;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
 use crate::channel::Forwarder;
 use crate::config::{self, Config, Sources};
-use crate::constants::{
-    BACKOFF_RESET_AFTER, QUICK_STANDBY_FOR, QUICK_STANDBY_RETRY, READY_WAIT_MAX, REPEAT_LOG_LIMIT,
-};
+use crate::constants::{BACKOFF_RESET_AFTER, READY_WAIT_MAX};
 use crate::error::TunnelError;
 use crate::telemetry::{Endpoints, Telemetry};
 use crate::tunnel::{self, Session, Stale};
 use crate::{logging, proxy, systemd};
+use failures::FailureLog;
+use standby::Refusals;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
@@ -54,14 +58,10 @@ struct Supervisor {
     /// While READY=1 is still owed: when to send it even without a tunnel (READY_WAIT_MAX
     /// after start). `None` once sent (the first tunnel up, a reload, or that moment).
     ready_by: Option<tokio::time::Instant>,
-    /// While the session stands by: when to ask for the server's port again.
-    standby_retry_at: tokio::time::Instant,
+    /// While the server refuses the port: when to ask for it again.
+    refusals: Refusals,
     /// The connection of the last session lost, reset once a new one is answered.
     stale: Stale,
-    /// Until when a refused forward is asked for again within a second rather than after
-    /// `standby_retry`: just after resetting our own lost session, whose port the server
-    /// frees a moment later.
-    quick_standby_until: Option<tokio::time::Instant>,
 }
 
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
@@ -77,9 +77,8 @@ pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Co
         last_status: String::new(),
         reload_error: None,
         ready_by: Some(tokio::time::Instant::now() + READY_WAIT_MAX),
-        standby_retry_at: tokio::time::Instant::now(),
+        refusals: Refusals::default(),
         stale: Stale::default(),
-        quick_standby_until: None,
     };
     sup.main_loop().await;
 }
@@ -100,7 +99,7 @@ impl Supervisor {
     /// One attempt to bring the tunnel up, and the wait after a failure.
     async fn connect(&mut self) -> Flow {
         // While failures repeat, STATUS keeps saying the last one rather than "connecting".
-        if self.failures.last.is_none() {
+        if !self.failures.failing() {
             let t = &self.cfg.tunnel;
             self.set_status(format!("connecting to {}", t.route()));
             self.opts.telemetry.connecting();
@@ -119,40 +118,45 @@ impl Supervisor {
         let (result, stale) = loop {
             tokio::select! {
                 r = &mut attempt => break r,
-                _ = ready_due(self.ready_by) => self.ready_while_down(),
+                _ = ready_due(self.ready_by) => ready_while_down(&mut self.ready_by, &self.last_status),
                 c = self.control.recv() => return self.on_control(c).await,
             }
         };
         self.stale = stale;
         if resetting && !self.stale.is_some() {
-            self.quick_standby_until = Some(tokio::time::Instant::now() + QUICK_STANDBY_FOR);
+            self.refusals.after_reset();
         }
         match result {
             Ok(session) => {
-                self.failures.recovered();
                 let (addr, port) = &session.listen;
-                if session.standing_by().is_some() {
-                    // Not a failure: the other host of a pair holds the port, or the server
-                    // has not yet timed out a session of ours. One line, then quiet.
-                    let retry = self.cfg.tunnel.standby_retry;
-                    log::info!(
-                        tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
-                        "standing by: connected to {} as {}, but the server's port {addr}:{port} is held by another session (another host running this tunnel, or a session the server has not timed out yet); asking for it every {retry:?}", session.server, self.cfg.tunnel.user);
-                    self.standby_retry_at =
-                        next_standby_retry(&mut self.backoff, self.quick_standby_until, retry);
-                    self.session = Some(session);
-                    self.opts.telemetry.standby();
+                if session.refused_since().is_some() {
+                    self.refusals.refused(
+                        true,
+                        &self.cfg,
+                        &session,
+                        &mut self.backoff,
+                        &mut self.failures,
+                        &self.opts.telemetry,
+                    );
                 } else {
+                    self.failures.recovered();
                     log::info!(
                         tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
                         "tunnel up: connected to {} as {}, the server listens on {addr}:{port}", session.server, self.cfg.tunnel.user);
-                    self.session = Some(session);
                     self.opts.telemetry.up();
                 }
+                // A pair's standby is a started service; a refused port on any other host is
+                // not up, and READY=1 waits for it as for any failure (`READY_WAIT_MAX`).
+                let serving = session.refused_since().is_none() || self.cfg.tunnel.pair;
+                self.session = Some(session);
                 let status = self.connected_status();
-                self.last_status = status.clone();
-                systemd::ready(&status);
-                self.ready_by = None;
+                if serving {
+                    self.last_status = status.clone();
+                    systemd::ready(&status);
+                    self.ready_by = None;
+                } else {
+                    self.set_status(status);
+                }
                 Flow::Continue
             }
             Err(e) => {
@@ -175,33 +179,38 @@ impl Supervisor {
         }
     }
 
-    /// While the tunnel is up: wait for it to end or for a signal, keeping STATUS current.
+    /// While the tunnel is up (or the server refuses its port): wait for it to end or for a
+    /// signal, keeping STATUS current and asking for a refused port again.
     async fn watch(&mut self) -> Flow {
         let Some(session) = self.session.as_mut() else {
             return Flow::Continue;
         };
         let mut refresh = tokio::time::interval(Duration::from_secs(2));
         let lost = loop {
+            let refused = session.refused_since();
             tokio::select! {
                 e = session.closed() => break e,
                 c = self.control.recv() => return self.on_control(c).await,
-                _ = tokio::time::sleep_until(self.standby_retry_at), if session.standing_by().is_some() => {
-                    let since = session.standing_by().map(|t| t.elapsed()).unwrap_or_default();
-                    match session.take_over().await {
-                        Ok(true) => {
-                            let (addr, port) = &session.listen;
-                            log::info!(
-                                tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
-                                "tunnel up: took the server's port {addr}:{port} over after standing by for {:.0}s", since.as_secs_f64());
-                            self.opts.telemetry.up();
-                            let status = status_line(&self.cfg, session, self.reload_error.as_deref());
-                            systemd::status(&status);
-                            self.last_status = status;
-                        }
-                        Ok(false) => self.standby_retry_at = next_standby_retry(&mut self.backoff, self.quick_standby_until, self.cfg.tunnel.standby_retry),
-                        Err(e) => break e,
-                    }
+                _ = ready_due(self.ready_by) => ready_while_down(&mut self.ready_by, &self.last_status),
+                _ = tokio::time::sleep_until(self.refusals.retry_at), if refused.is_some() && !self.refusals.asking() => {
+                    self.refusals.ask(session);
                 }
+                r = self.refusals.answer() => match r {
+                    Ok(true) => {
+                        session.granted();
+                        let since = refused.map(|t| t.elapsed()).unwrap_or_default();
+                        self.refusals.granted(&self.cfg, session, since, &mut self.failures, &self.opts.telemetry);
+                        let status = status_line(&self.cfg, session, self.reload_error.as_deref());
+                        if self.ready_by.take().is_some() {
+                            systemd::ready(&status);
+                        } else {
+                            systemd::status(&status);
+                        }
+                        self.last_status = status;
+                    }
+                    Ok(false) => self.refusals.refused(false, &self.cfg, session, &mut self.backoff, &mut self.failures, &self.opts.telemetry),
+                    Err(e) => break e,
+                },
                 _ = refresh.tick() => {
                     let status = status_line(&self.cfg, session, self.reload_error.as_deref());
                     if status != self.last_status {
@@ -212,6 +221,7 @@ impl Supervisor {
             }
         };
         let lived = session.since.elapsed();
+        self.refusals.cancel();
         if let Some(session) = self.session.take() {
             self.stale = session.abandon();
         }
@@ -239,22 +249,10 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return Flow::Continue,
-                _ = ready_due(self.ready_by) => self.ready_while_down(),
+                _ = ready_due(self.ready_by) => ready_while_down(&mut self.ready_by, &self.last_status),
                 c = self.control.recv() => return self.on_control(c).await,
             }
         }
-    }
-
-    /// The tunnel is not up `READY_WAIT_MAX` after start: tell systemd the service is up
-    /// anyway, so that `systemctl start` and package scripts never wait on the network. STATUS
-    /// and `secoda-agent status` keep saying that the tunnel is down, and why.
-    fn ready_while_down(&mut self) {
-        self.ready_by = None;
-        log::warn!(
-            "no tunnel after {}s; the service counts as started and keeps retrying (see `secoda-agent status`)",
-            READY_WAIT_MAX.as_secs()
-        );
-        systemd::ready(&self.last_status);
     }
 
     async fn on_control(&mut self, c: Option<Control>) -> Flow {
@@ -313,6 +311,7 @@ impl Supervisor {
         self.cfg = new;
         if tunnel_changed {
             log::info!("tunnel settings changed: opening a new session; open channels of the old one may finish");
+            self.refusals.cancel();
             if let Some(old) = self.session.take() {
                 // The old session gives the listen port back first, so the new one can take it.
                 old.stop_accepting().await;
@@ -345,6 +344,7 @@ impl Supervisor {
     async fn shutdown(&mut self) {
         systemd::stopping();
         self.opts.telemetry.stopping();
+        self.refusals.cancel();
         let Some(session) = self.session.take() else {
             log::info!("stopping");
             return;
@@ -383,18 +383,16 @@ impl Supervisor {
     }
 }
 
-/// `standby_retry` with jitter; about a second instead until `quick_until`.
-fn next_standby_retry(
-    backoff: &mut Backoff,
-    quick_until: Option<tokio::time::Instant>,
-    standby_retry: Duration,
-) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    let every = match quick_until {
-        Some(t) if now < t => QUICK_STANDBY_RETRY.min(standby_retry),
-        _ => standby_retry,
-    };
-    now + backoff.around(every)
+/// The tunnel is not up `READY_WAIT_MAX` after start: tell systemd the service is up anyway,
+/// so that `systemctl start` and package scripts never wait on the network. STATUS and
+/// `secoda-agent status` keep saying that the tunnel is down, and why.
+fn ready_while_down(ready_by: &mut Option<tokio::time::Instant>, last_status: &str) {
+    *ready_by = None;
+    log::warn!(
+        "no tunnel after {}s; the service counts as started and keeps retrying (see `secoda-agent status`)",
+        READY_WAIT_MAX.as_secs()
+    );
+    systemd::ready(last_status);
 }
 
 /// Resolves at `ready_by`; never when READY=1 was already sent.
@@ -420,6 +418,7 @@ pub fn endpoints(cfg: &Config) -> Endpoints {
         server: proxy::host_port(&t.host, t.port),
         listen: proxy::host_port(&t.listen_address, t.listen_port),
         proxy: t.proxy.as_ref().map(|p| p.endpoint()),
+        pair: t.pair,
     }
 }
 
@@ -427,13 +426,8 @@ pub fn endpoints(cfg: &Config) -> Endpoints {
 fn status_line(cfg: &Config, s: &Session, note: Option<&str>) -> String {
     let (addr, port) = &s.listen;
     let n = s.open_channels();
-    let line = match s.standing_by() {
-        Some(since) => format!(
-            "standby: connected to {}; the port {addr}:{port} is held by another session (another host running this tunnel, or a session the server has not timed out yet) since {}; asking every {:?}",
-            cfg.tunnel.route(),
-            crate::status::utc(unix_secs_ago(since.elapsed())),
-            cfg.tunnel.standby_retry
-        ),
+    let line = match s.refused_since() {
+        Some(since) => standby::status(cfg, s, crate::status::utc(unix_secs_ago(since.elapsed()))),
         None => format!(
             "connected to {}, listening on {addr}:{port}, {n} active connection{}",
             cfg.tunnel.route(),
@@ -452,55 +446,4 @@ fn unix_secs_ago(ago: Duration) -> u64 {
         .checked_sub(ago)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs())
-}
-
-/// Logs a failure at every attempt for the first few, then only a periodic summary, so a
-/// tunnel that is down for a day does not flood the journal with the same line.
-#[derive(Default)]
-struct FailureLog {
-    last: Option<(String, u32, Instant)>,
-}
-
-impl FailureLog {
-    fn report(&mut self, e: &TunnelError, delay: Duration, cfg: &Config) {
-        let text = e.to_string();
-        let count = match &mut self.last {
-            Some((last, n, _)) if *last == text => {
-                *n += 1;
-                *n
-            }
-            _ => {
-                self.last = Some((text.clone(), 1, Instant::now()));
-                1
-            }
-        };
-        let since = self
-            .last
-            .as_ref()
-            .map(|l| l.2.elapsed().as_secs())
-            .unwrap_or(0);
-        let t = &cfg.tunnel;
-        if count <= REPEAT_LOG_LIMIT {
-            log::error!(
-                tunnel_host = t.host.as_str(), tunnel_port = t.port, listen_port = t.listen_port, error_class = e.class();
-                "{text}; retrying in {:.1}s", delay.as_secs_f64());
-        } else if count.is_power_of_two() {
-            log::error!(
-                tunnel_host = t.host.as_str(), tunnel_port = t.port, listen_port = t.listen_port, error_class = e.class();
-                "still failing after {count} attempts over {since}s: {text}; retrying in {:.1}s (repeats are logged at debug level)", delay.as_secs_f64());
-        } else {
-            log::debug!("attempt {count}: {text}");
-        }
-    }
-
-    fn recovered(&mut self) {
-        if let Some((_, n, since)) = self.last.take() {
-            if n > 1 {
-                log::info!(
-                    "recovered after {n} failed attempts over {}s",
-                    since.elapsed().as_secs()
-                );
-            }
-        }
-    }
 }
