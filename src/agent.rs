@@ -57,10 +57,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> io::Result<()> {
     }
     let telemetry = Telemetry::new(opts.instance.clone(), supervisor::endpoints(&cfg));
     serve_status(opts.instance.as_deref(), &telemetry).await;
+    let mut own_listeners = Vec::new();
     if let Some(addr) = cfg.metrics.listen {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 log::info!("metrics at http://{addr}/metrics");
+                own_listeners.push(l.local_addr().unwrap_or(addr));
                 tokio::spawn(metrics::serve(l, telemetry.clone()));
             }
             Err(e) => {
@@ -72,6 +74,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> io::Result<()> {
         sources: opts.sources,
         log_level: opts.log_level,
         telemetry,
+        own_listeners,
     };
     supervisor::run(cfg, options, rx).await;
     Ok(())

@@ -143,6 +143,25 @@ fn interleave_families(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     out
 }
 
+/// TCP keepalive on a target connection, idle `idle` then `TARGET_KEEPALIVE_PROBES` probes a
+/// sixth of it apart, and the same bound on data it never acknowledges (see constants.rs).
+/// Returns the bound, after which a silent target's connection fails.
+pub fn keep_alive(stream: &TcpStream, idle: Duration) -> io::Result<Duration> {
+    use crate::constants::TARGET_KEEPALIVE_PROBES;
+    let interval = (idle / 6).max(Duration::from_secs(1));
+    let bound = idle + interval * TARGET_KEEPALIVE_PROBES;
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(TARGET_KEEPALIVE_PROBES),
+    )?;
+    sock.set_tcp_user_timeout(Some(bound))?;
+    Ok(bound)
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,19 @@ pub const DEFAULT_MAX_PENDING: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_SPILL: u64 = 1024 * 1024 * 1024;
 /// A target that takes no data for this long, with data waiting for it, is cut.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[forward] max_pending` bounds: a channel's SSH window is a `u32` count (the window
+/// accounting must never pass it), and 1 GiB of one channel in memory is already absurd.
+pub const MAX_PENDING_MIN: u64 = 64 * 1024;
+pub const MAX_PENDING_MAX: u64 = 1024 * 1024 * 1024;
+/// A target connection idle this long gets TCP keepalive probes ([forward] target_keepalive),
+/// `TARGET_KEEPALIVE_PROBES` of them a sixth of it apart (at least a second): a database
+/// host that vanished without a reset (power loss, a failover) is noticed within about twice
+/// this, and its channel ends. The same bound applies to data it never acknowledges
+/// (TCP_USER_TIMEOUT), which keepalives do not cover.
+pub const DEFAULT_TARGET_KEEPALIVE: Duration = Duration::from_secs(60);
+pub const TARGET_KEEPALIVE_MIN: Duration = Duration::from_secs(1);
+pub const TARGET_KEEPALIVE_MAX: Duration = Duration::from_secs(2 * 3600);
+pub const TARGET_KEEPALIVE_PROBES: u32 = 6;
 /// A spill file that has been read to the end is truncated (its blocks freed) when it had
 /// grown to at least this; smaller ones are reused as they are.
 pub const SPILL_SHRINK_AT: u64 = 64 * 1024 * 1024;

@@ -453,6 +453,7 @@ mod tests {
             max_pending,
             max_spill,
             stall_timeout: Duration::from_secs(60),
+            target_keepalive: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(1),
             policy: crate::policy::Policy::default(),
         }

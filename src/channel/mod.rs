@@ -10,14 +10,16 @@ pub use inbox::{inbox, ChannelInput, Inbound, Inbox};
 pub use window::{initial_window, Window};
 
 use std::io;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use russh::client::Msg;
 use russh::ChannelWriteHalf;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::config::ForwardConfig;
 use crate::connect;
@@ -32,17 +34,32 @@ use splice::{splice, End};
 
 /// What every channel shares: the live forward settings, the channel count and telemetry.
 pub struct Forwarder {
-    settings: RwLock<Arc<ForwardConfig>>,
+    /// Open channels watch it: a reload's policy ends those whose target it denies.
+    settings: watch::Sender<Arc<ForwardConfig>>,
+    /// The agent's own TCP listeners as bound (`[metrics] listen` at start): never a target,
+    /// whatever a reload's `[metrics]` says (it moves the endpoint only at restart).
+    own_listeners: Vec<SocketAddr>,
     pub telemetry: Arc<Telemetry>,
 }
 
 impl Forwarder {
-    pub fn new(settings: ForwardConfig, telemetry: Arc<Telemetry>) -> Self {
+    pub fn new(
+        settings: ForwardConfig,
+        own_listeners: Vec<SocketAddr>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        let settings = Self::protect(settings, &own_listeners);
         Self::publish(&telemetry, &settings);
         Forwarder {
-            settings: RwLock::new(Arc::new(settings)),
+            settings: watch::Sender::new(Arc::new(settings)),
+            own_listeners,
             telemetry,
         }
+    }
+
+    fn protect(mut settings: ForwardConfig, own: &[SocketAddr]) -> ForwardConfig {
+        settings.policy = settings.policy.with_own_listeners(own.iter().copied());
+        settings
     }
 
     /// The bounds the monitoring rules compare against (packaging/monitoring/).
@@ -52,17 +69,34 @@ impl Forwarder {
     }
 
     pub fn settings(&self) -> Arc<ForwardConfig> {
-        self.settings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.settings.borrow().clone()
     }
 
-    /// Applies to channels opened from now on; open channels keep running untouched.
+    /// Applies to channels opened from now on; open channels keep their settings, except
+    /// that those whose target the new policy denies are ended (see [`revoked`]).
     pub fn update(&self, settings: ForwardConfig) {
+        let settings = Self::protect(settings, &self.own_listeners);
         Self::publish(&self.telemetry, &settings);
-        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        self.settings.send_replace(Arc::new(settings));
     }
+}
+
+/// Resolves once a reloaded policy denies `name` at `peer` (the address the channel is
+/// connected to), with the reason. Revoking access must take effect at once, not when the
+/// sync ends.
+async fn revoked(
+    mut settings: watch::Receiver<Arc<ForwardConfig>>,
+    name: Option<String>,
+    peer: SocketAddr,
+) -> String {
+    settings.mark_unchanged();
+    while settings.changed().await.is_ok() {
+        let policy = &settings.borrow_and_update().policy;
+        if let Err(denial) = policy.check(name.as_deref(), peer.ip(), peer.port()) {
+            return format!("{peer} {denial}");
+        }
+    }
+    std::future::pending().await
 }
 
 /// What a channel task gets from its session: where it came from (for logs) and what the
@@ -180,9 +214,17 @@ async fn serve(
         .telemetry
         .open_channel(target.clone(), origin.originator.clone());
     let cut = input.cut.clone();
+    let name = match &request.host {
+        Host::Name(n) => Some(n.clone()),
+        Host::Ip(_) => None,
+    };
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), request.port));
     let end = tokio::select! {
         end = splice(&mut input, stream, &channel, &mut writer, &origin.session, &counts, settings.stall_timeout) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
+        why = revoked(fwd.settings.subscribe(), name, peer) => End::Revoked(why),
     };
     let spilled = input.spilled_total;
     // A normal end means both sides sent EOF: the server closes the channel.
@@ -211,6 +253,9 @@ async fn serve(
         End::Stalled(backlog) => log::warn!(
             target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "stalled";
             "channel to {target} cut: the target took no data for {:?} ([forward] stall_timeout); {backlog} bytes for it were dropped ({up} bytes reached it)", settings.stall_timeout),
+        End::Revoked(why) => log::warn!(
+            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "policy_revoked";
+            "channel to {target} cut after {secs:.1}s: the reloaded [forward] policy denies it: {why} ({up} bytes to target, {down} bytes from target)"),
         End::Error(e) => log::info!(
             target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "io";
             "channel to {target} ended after {secs:.1}s: {e} ({up} bytes to target, {down} bytes from target)"),
@@ -296,6 +341,11 @@ async fn connect_target(
         match connect::first_of(&allowed, CONNECT_STAGGER).await {
             Ok((s, _)) => {
                 let _ = s.set_nodelay(true);
+                // A database that vanishes without a reset must not hold its channel (and a
+                // max_connections slot on a failed-over primary) for ever.
+                if let Err(e) = connect::keep_alive(&s, settings.target_keepalive) {
+                    log::debug!("target keepalive not set: {e}");
+                }
                 Ok(s)
             }
             Err(errors) => Err(errors.last().map_or(

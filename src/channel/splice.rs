@@ -28,6 +28,8 @@ pub(super) enum End {
     /// The target took nothing for `stall_timeout`; the bytes that were waiting for it.
     Stalled(u64),
     Error(io::Error),
+    /// A reload's policy denies the target (channel/mod.rs): why.
+    Revoked(String),
 }
 
 /// The error `write_all_vectored` ends with when the target makes no progress.
@@ -290,6 +292,7 @@ mod tests {
             max_pending: 1 << 20,
             max_spill: 0,
             stall_timeout: Duration::from_secs(60),
+            target_keepalive: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(1),
             policy: crate::policy::Policy::default(),
         }

@@ -123,6 +123,9 @@ pub struct ForwardConfig {
     /// A slow target's backlog beyond `max_pending`, on disk; 0: none.
     pub max_spill: u64,
     pub stall_timeout: Duration,
+    /// A target connection idle this long is probed (TCP keepalive), and one that answers
+    /// no probe, or acknowledges nothing for as long, is closed (connect.rs).
+    pub target_keepalive: Duration,
     pub shutdown_timeout: Duration,
     pub policy: Policy,
 }
@@ -254,11 +257,12 @@ fn forward(l: &Layers, errors: &mut Vec<String>) -> ForwardConfig {
     let max_pending = match &f.max_pending {
         None => DEFAULT_MAX_PENDING,
         Some(s) => match parse_size(s) {
-            Ok(n) if n >= 64 * 1024 => n,
-            Ok(_) => {
+            Ok(n) if (MAX_PENDING_MIN..=MAX_PENDING_MAX).contains(&n) => n,
+            Ok(n) => {
                 errors.push(format!(
-                    "{}: \"{s}\" is too small (at least 64KiB)",
-                    toml_at("forward", "max_pending")
+                    "{}: \"{s}\" is too {} (64KiB to 1GiB: a channel's SSH window is a 32-bit count, and one channel holding more than 1 GiB in memory is never what a database needs)",
+                    toml_at("forward", "max_pending"),
+                    if n < MAX_PENDING_MIN { "small" } else { "large" }
                 ));
                 DEFAULT_MAX_PENDING
             }
@@ -281,6 +285,18 @@ fn forward(l: &Layers, errors: &mut Vec<String>) -> ForwardConfig {
         &toml_at("forward", "stall_timeout"),
         errors,
     );
+    let target_keepalive = duration_setting(
+        &f.target_keepalive,
+        DEFAULT_TARGET_KEEPALIVE,
+        &toml_at("forward", "target_keepalive"),
+        errors,
+    );
+    if !(TARGET_KEEPALIVE_MIN..=TARGET_KEEPALIVE_MAX).contains(&target_keepalive) {
+        errors.push(format!(
+            "{}: {target_keepalive:?} is out of range ({TARGET_KEEPALIVE_MIN:?} to {TARGET_KEEPALIVE_MAX:?})",
+            toml_at("forward", "target_keepalive")
+        ));
+    }
     let policy = Policy::parse(
         f.allow.as_deref().unwrap_or(&[]),
         f.deny.as_deref().unwrap_or(&[]),
@@ -297,6 +313,7 @@ fn forward(l: &Layers, errors: &mut Vec<String>) -> ForwardConfig {
         max_pending,
         max_spill,
         stall_timeout,
+        target_keepalive,
         shutdown_timeout,
         policy,
     }
@@ -317,7 +334,7 @@ impl Config {
              host key pins: {pins}\n\
              keepalive:     every {ki:?}, dead after {km} unanswered\n\
              pair:          {pair}\n\
-             forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel in memory, then {ms} on disk; a target idle {stall:?} with data waiting is cut\n\
+             forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel in memory, then {ms} on disk; a target idle {stall:?} with data waiting is cut; a silent target probed after {ka:?} idle\n\
              policy:        {policy}\n\
              shutdown:      channels drain for up to {st:?}\n\
              metrics:       {metrics}\n\
@@ -349,6 +366,7 @@ impl Config {
                 n => show_size(n),
             },
             stall = f.stall_timeout,
+            ka = f.target_keepalive,
             policy = f.policy,
             st = f.shutdown_timeout,
             lvl = self.log.level,

@@ -53,6 +53,7 @@ pub(super) struct RawForward {
     pub(super) max_pending: Option<String>,
     pub(super) max_spill: Option<String>,
     pub(super) stall_timeout: Option<String>,
+    pub(super) target_keepalive: Option<String>,
     pub(super) shutdown_timeout: Option<String>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,

@@ -37,6 +37,8 @@ pub struct Options {
     pub log_level: Option<log::LevelFilter>,
     /// Where the state is published for `status` and the metrics endpoint.
     pub telemetry: Arc<Telemetry>,
+    /// The agent's own TCP listeners as bound (the metrics endpoint): never a target.
+    pub own_listeners: Vec<std::net::SocketAddr>,
 }
 
 enum Flow {
@@ -67,7 +69,11 @@ struct Supervisor {
 /// Run until told to stop. Transient trouble never ends this; only `Control::Shutdown` does.
 pub async fn run(cfg: Config, opts: Options, control: mpsc::UnboundedReceiver<Control>) {
     let mut sup = Supervisor {
-        fwd: Arc::new(Forwarder::new(cfg.forward.clone(), opts.telemetry.clone())),
+        fwd: Arc::new(Forwarder::new(
+            cfg.forward.clone(),
+            opts.own_listeners.clone(),
+            opts.telemetry.clone(),
+        )),
         cfg,
         opts,
         control,
@@ -331,7 +337,7 @@ impl Supervisor {
             self.last_status = status.clone();
             systemd::ready(&status);
         } else {
-            log::info!("configuration reloaded; forward settings apply to new channels, open channels are untouched");
+            log::info!("configuration reloaded; forward settings apply to new channels, open channels keep theirs (but end if the new policy denies their target)");
             let status = match &self.session {
                 Some(s) => status_line(&self.cfg, s, None),
                 None => self.last_status.clone(),
