@@ -330,6 +330,76 @@ fetch_through "$eu_port" "curl through the eu tunnel (credential)"
 inside systemctl stop secoda-agent@eu
 ok "secoda-agent@eu with the credential from its own drop-in"
 
+step "Debian 12: an upgrade checks the configuration as the unit runs it (credential, ExecStart=, EnvironmentFile=)"
+# upgrade_expect restarted|kept WHAT: reinstall the package; the agent is restarted onto it, or
+# kept running with dpkg's output saying why.
+upgrade_expect() {
+    local before
+    before=$(inside systemctl show -p MainPID --value secoda-agent)
+    inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/"$(basename "$deb")" \
+        >"$work/upgrade-unit.log" 2>&1 || fail "apt-get failed: $(tail -20 "$work/upgrade-unit.log")"
+    if [ "$1" = restarted ]; then
+        ! grep "NOT restarted" "$work/upgrade-unit.log" >/dev/null || fail "$2: not restarted: $(cat "$work/upgrade-unit.log")"
+        wait_restarted "$before"
+        wait_active
+    else
+        grep "NOT restarted" "$work/upgrade-unit.log" >/dev/null || fail "$2: dpkg's output does not say so: $(cat "$work/upgrade-unit.log")"
+        grep -F "$3" "$work/upgrade-unit.log" >/dev/null || fail "$2: dpkg's output does not say why ($3): $(cat "$work/upgrade-unit.log")"
+        sleep 2
+        [ "$(inside systemctl show -p MainPID --value secoda-agent)" = "$before" ] || fail "$2: restarted anyway: $(unit_status)"
+    fi
+    check_connected
+}
+# A credential the new binary refuses (an RSA key of 1024 bits) where the running agent's was
+# good: checked inside a transient unit with the unit's LoadCredentialEncrypted=, not waved
+# through as "only the service can read it".
+ssh-keygen -q -t rsa -b 1024 -N "" -f "$work/short-rsa" <<< y >/dev/null
+cp "$work/short-rsa" "$ROOT/root/short-rsa"
+inside mv /etc/secoda-agent/ssh-key.cred /etc/secoda-agent/good-key.cred
+inside systemd-creds encrypt --name=ssh-key /root/short-rsa /etc/secoda-agent/ssh-key.cred >/dev/null 2>&1 \
+    || fail "systemd-creds encrypt of the short key"
+inside shred -u /root/short-rsa
+upgrade_expect kept "a refused key in the credential" "an RSA key of 1024 bits"
+inside mv /etc/secoda-agent/good-key.cred /etc/secoda-agent/ssh-key.cred
+upgrade_expect restarted "a good key in the credential"
+ok "key in a credential: a refused one keeps the running agent, a good one restarts it (the check decrypts it as the unit does)"
+# An ExecStart= override naming another file: that file is checked, not agent.toml.
+cp "$ROOT/etc/secoda-agent/agent.toml" "$ROOT/etc/secoda-agent/other.toml"
+inside chown root:secoda-agent /etc/secoda-agent/other.toml
+inside chmod 0640 /etc/secoda-agent/other.toml
+cp "$ROOT/etc/secoda-agent/agent.toml" "$work/agent.toml.good"
+printf '[Service]\nExecStart=\nExecStart=/usr/bin/secoda-agent run --config /etc/secoda-agent/other.toml\n' \
+    > "$ROOT/etc/systemd/system/secoda-agent.service.d/override.conf"
+inside systemctl daemon-reload
+timeout 60 nsenter -t "$init_pid" -a systemctl restart secoda-agent || fail "restart with --config other.toml: $(unit_status)"
+wait_active
+sed -i 's/^listen_port = .*/listen_port = 0/' "$ROOT/etc/secoda-agent/agent.toml"
+upgrade_expect restarted "an ExecStart= override with a good --config (agent.toml broken, unused)"
+sed -i 's/^listen_port = .*/listen_port = 0/' "$ROOT/etc/secoda-agent/other.toml"
+upgrade_expect kept "an ExecStart= override with a broken --config" "other.toml"
+rm "$ROOT/etc/systemd/system/secoda-agent.service.d/override.conf" "$ROOT/etc/secoda-agent/other.toml"
+cp "$work/agent.toml.good" "$ROOT/etc/secoda-agent/agent.toml"
+inside systemctl daemon-reload
+timeout 60 nsenter -t "$init_pid" -a systemctl restart secoda-agent || fail "restart without the override: $(unit_status)"
+wait_active
+ok "ExecStart= override: the file it names is checked"
+# An EnvironmentFile= drop-in whose SSH_LISTEN_PORT became invalid after the start.
+printf 'SSH_LISTEN_PORT=%s\n' "$listen_port" > "$ROOT/etc/secoda-agent/extra.env"
+printf '[Service]\nEnvironmentFile=/etc/secoda-agent/extra.env\nEnvironment="SECODA_AGENT_TEST=a b"\n' \
+    > "$ROOT/etc/systemd/system/secoda-agent.service.d/env.conf"
+inside systemctl daemon-reload
+timeout 60 nsenter -t "$init_pid" -a systemctl restart secoda-agent || fail "restart with extra.env: $(unit_status)"
+wait_active
+upgrade_expect restarted "an EnvironmentFile= drop-in, valid"
+printf 'SSH_LISTEN_PORT=0\n' > "$ROOT/etc/secoda-agent/extra.env"
+upgrade_expect kept "an EnvironmentFile= drop-in, invalid" "SSH_LISTEN_PORT"
+rm "$ROOT/etc/systemd/system/secoda-agent.service.d/env.conf" "$ROOT/etc/secoda-agent/extra.env"
+inside systemctl daemon-reload
+timeout 60 nsenter -t "$init_pid" -a systemctl restart secoda-agent || fail "restart without extra.env: $(unit_status)"
+wait_active
+check_connected
+ok "EnvironmentFile= drop-in (and an Environment= value with a space): its values are checked"
+
 # Without the drop-in: one failure, exit 78, naming the credential and the line to add.
 rm "$ROOT/etc/systemd/system/secoda-agent.service.d/credential.conf"
 inside systemctl daemon-reload
@@ -400,9 +470,24 @@ chroot "$ROOT" getent passwd secoda-agent | grep ":/nonexistent:/usr/sbin/nologi
 ok "dpkg -i in a Debian 11 chroot without /proc: user and permissions made (systemd-sysusers $sysusers)"
 
 step "rpm scriptlets in a booted Debian 12 (Debian's rpm, --nodeps)"
-# A newer build to upgrade to: the same payload, release 2.
+# A newer build to upgrade to: the same payload, release 2, whose unit sets one more variable,
+# so that the restart after `rpm -U` shows which unit definition it ran with (%post reloads
+# systemd before it restarts; the old package's %postun reloads only after it).
 mkdir -p "$work/rpm2"
-cargo generate-rpm --target x86_64-unknown-linux-gnu --payload-compress xz --set-metadata 'release = "2"' --output "$work/rpm2/" >/dev/null
+sed '/^\[Service\]/a Environment=SECODA_AGENT_TEST_RELEASE=2' systemd/secoda-agent.service > "$work/rpm2-unit.service"
+rpm2_assets=$(python3 - "$work/rpm2-unit.service" <<'PY'
+import json, sys, tomllib
+with open("Cargo.toml", "rb") as f:
+    assets = tomllib.load(f)["package"]["metadata"]["generate-rpm"]["assets"]
+for a in assets:
+    if a["source"] == "systemd/secoda-agent.service":
+        a["source"] = sys.argv[1]
+print("assets = [" + ", ".join(
+    "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in a.items()) + "}" for a in assets) + "]")
+PY
+)
+cargo generate-rpm --target x86_64-unknown-linux-gnu --payload-compress xz --set-metadata 'release = "2"' \
+    --set-metadata "$rpm2_assets" --output "$work/rpm2/" >/dev/null
 rpm2=$(ls "$work"/rpm2/*.rpm)
 boot_fresh rpmhost bookworm amd64 "$BOOKWORM_PACKAGES"
 listen_port=$(free_port)
@@ -428,9 +513,11 @@ after=$(inside systemctl show -p MainPID --value secoda-agent)
 exe=$(inside readlink "/proc/$after/exe")
 [ "$exe" = /usr/bin/secoda-agent ] || fail "the restarted agent runs $exe, not the upgraded binary"
 grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the edited agent.toml"
+inside cat "/proc/$after/environ" | tr '\0' '\n' | grep -x SECODA_AGENT_TEST_RELEASE=2 >/dev/null \
+    || fail "the upgrade restarted the agent with the old unit definition (no daemon-reload before the restart)"
 [ ! -e "$ROOT/etc/secoda-agent/agent.toml.rpmnew" ] || fail "an unchanged default config left agent.toml.rpmnew"
 check_connected
-ok "rpm -U: edited agent.toml kept, running agent restarted onto the new binary (pid $before -> $after)"
+ok "rpm -U: edited agent.toml kept, running agent restarted onto the new binary and the new unit (pid $before -> $after)"
 inside systemctl enable secoda-agent@eu >/dev/null 2>&1
 inside rpm -e secoda-agent || fail "rpm -e"
 [ "$(inside systemctl is-active secoda-agent || true)" != active ] || fail "agent still running after erase"

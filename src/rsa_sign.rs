@@ -8,7 +8,8 @@
 //! ciphers. So an RSA key is converted once when it is loaded (PKCS#1 DER through the `rsa`
 //! crate, which computes the CRT exponents: a single local operation, never repeated, never
 //! timed by anyone) and every signature is ring's; the `rsa` crate then only parses the key.
-//! ring signs keys of 2048 to 8192 bits: a shorter key is refused when loaded.
+//! ring signs keys of 2048 to 4096 bits whose public exponent is at least 65537 (what
+//! `ssh-keygen -t rsa` makes); any other RSA key is refused when loaded, with the way out.
 
 use std::sync::Arc;
 
@@ -18,10 +19,16 @@ use rsa::pkcs1::EncodeRsaPrivateKey;
 use russh::keys::ssh_key::private::RsaKeypair;
 use russh::keys::HashAlg;
 
+/// The modulus sizes ring signs with.
+const RSA_BITS_MIN: usize = 2048;
+const RSA_BITS_MAX: usize = 4096;
+
 /// A loaded RSA key, ready to sign through ring. Its `Debug` shows the modulus size only.
 #[derive(Clone)]
 pub struct RsaSigner {
     pair: Arc<RsaKeyPair>,
+    /// The modulus's exact size (ring's `modulus_len` counts whole bytes).
+    bits: usize,
 }
 
 impl std::fmt::Debug for RsaSigner {
@@ -38,9 +45,22 @@ impl RsaSigner {
             let lead = n.first().map_or(8, |b| b.leading_zeros() as usize);
             n.len() * 8 - lead
         });
-        if !(2048..=8192).contains(&bits) {
+        const WAY_OUT: &str = "the agent signs RSA with constant-time code (ring) that takes keys of 2048 to 4096 bits with a public exponent of at least 65537: generate a new key with ssh-keygen -t ed25519 (or -t rsa -b 4096) and have Secoda authorize it";
+        if !(RSA_BITS_MIN..=RSA_BITS_MAX).contains(&bits) {
+            return Err(format!("an RSA key of {bits} bits; {WAY_OUT}"));
+        }
+        // ring takes an exponent of at least 65537 and at most 33 bits.
+        let e = key.public().e().as_positive_bytes().unwrap_or_default();
+        let e_bits = e.len() * 8 - e.first().map_or(8, |b| b.leading_zeros() as usize);
+        if e_bits > 33 {
             return Err(format!(
-                "an RSA key of {bits} bits; the agent signs RSA with constant-time code that takes 2048 to 8192 bits (generate a new key: ssh-keygen -t ed25519, or -t rsa -b 4096)"
+                "an RSA key whose public exponent is {e_bits} bits long; {WAY_OUT}"
+            ));
+        }
+        let e_value = e.iter().fold(0u64, |v, &b| v << 8 | u64::from(b));
+        if e_value < 65537 {
+            return Err(format!(
+                "an RSA key whose public exponent is {e_value}; {WAY_OUT}"
             ));
         }
         let der = rsa::RsaPrivateKey::try_from(key)
@@ -51,11 +71,12 @@ impl RsaSigner {
             .map_err(|e| format!("an RSA key that ring refuses ({e})"))?;
         Ok(RsaSigner {
             pair: Arc::new(pair),
+            bits,
         })
     }
 
     pub fn bits(&self) -> usize {
-        self.pair.public().modulus_len() * 8
+        self.bits
     }
 
     /// `data` followed by its signature in SSH's encoding (RFC 4253 section 6.6, RFC 8332):

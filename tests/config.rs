@@ -192,6 +192,31 @@ fn key_problems_are_named_without_showing_the_key() {
         .status()
         .unwrap()
         .success());
+    // RSA keys ring cannot sign: longer than 4096 bits, or an exponent under 65537 (openssl
+    // makes one; ssh-keygen rewrites it in OpenSSH's format).
+    let long = f.dir.path().join("long_rsa");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "4160", "-N", "", "-f"])
+        .arg(&long)
+        .status()
+        .unwrap()
+        .success());
+    let e35 = f.dir.path().join("e35_rsa");
+    assert!(Command::new("openssl")
+        .args(["genpkey", "-quiet", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+        .args(["-pkeyopt", "rsa_keygen_pubexp:35", "-out"])
+        .arg(&e35)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::set_permissions(&e35, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-p", "-N", "", "-P", "", "-f"])
+        .arg(&e35)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success());
     // Garbage in PEM clothes.
     let garbage = f.write(
         "garbage",
@@ -203,6 +228,8 @@ fn key_problems_are_named_without_showing_the_key() {
         (&enc, "encrypted with a passphrase"),
         (&public, "this is a public key"),
         (&short, "an RSA key of 1024 bits"),
+        (&long, "an RSA key of 4160 bits; the agent signs RSA with constant-time code (ring) that takes keys of 2048 to 4096 bits with a public exponent of at least 65537: generate a new key with ssh-keygen -t ed25519"),
+        (&e35, "an RSA key whose public exponent is 35; the agent signs RSA"),
         (&garbage, "could not be parsed"),
     ] {
         let toml = format!(
