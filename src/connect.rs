@@ -161,7 +161,6 @@ pub fn keep_alive(stream: &TcpStream, idle: Duration) -> io::Result<Duration> {
     Ok(bound)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -204,10 +204,9 @@ const _: () = assert!(SSH_READ_BUFFER >= COALESCE_BYTES);
 pub const COALESCE_AFTER_READ: usize = 32 * 1024;
 pub const COALESCE_BYTES: usize = 256 * 1024;
 pub const COALESCE_WAIT: Duration = Duration::from_millis(1);
-// One channel alone must be able to fill the mark, with as little as half its window in
-// flight (channel/window.rs grants back once half is used up). A mark above that makes a lone bulk
-// channel wait for the fallback timer on every read (seen: a 256 KiB window ran at a sixth
-// of the speed).
+// One channel alone must be able to fill the mark with half its window in flight (the
+// reasoning is at transport.rs `Coalesce::for_window`, which lowers the mark for the smaller
+// windows a max_pending under 1 MiB gives): the default window allows the whole mark.
 const _: () = assert!(2 * COALESCE_BYTES <= SSH_WINDOW_SIZE as usize / 2);
 /// ... and only once the socket's receive buffer has grown to this (see transport.rs).
 pub const COALESCE_MIN_RCVBUF: usize = 4 * COALESCE_BYTES;

@@ -20,7 +20,8 @@
 //!    backlog (channel/window.rs), but many busy channels together still hold a window each;
 //!    this bounds the total. While
 //!    more than `INTAKE_HIGH` counted bytes wait for targets (what counts: channel/inbox.rs;
-//!    only the first 256 KiB of each channel's backlog), the transport stops
+//!    the first 256 KiB of each channel's in-memory backlog, and all of it beyond the
+//!    channel's `max_pending`), the transport stops
 //!    reading the socket and TCP holds the server back. Pausing must never stall the tunnel
 //!    behind targets that stopped reading: if a pause sees no progress at all within
 //!    `INTAKE_PAUSE_MAX`, pausing is off until the queue is below half the mark again (a
@@ -121,6 +122,9 @@ impl Drop for Acker {
 /// Point 5: consecutive large reads, and whether `SO_RCVLOWAT` is raised because of them.
 #[derive(Default)]
 struct Coalesce {
+    /// The mark: `COALESCE_BYTES`, or less where the session's channels start with a small
+    /// window (see [`Coalesce::for_window`]); 0: never coalesce.
+    mark: usize,
     streak: u8,
     on: bool,
     /// While on, how long a wait for the socket may last before the mark drops.
@@ -133,6 +137,20 @@ struct Coalesce {
 }
 
 impl Coalesce {
+    /// One channel alone must be able to fill the mark with half its window in flight
+    /// (channel/window.rs grants back once half is used up): a mark above that makes a lone
+    /// bulk channel wait for the fallback timer on every read (seen: a 256 KiB window ran at a
+    /// sixth of the speed). The default window (2 MiB) allows the whole `COALESCE_BYTES`
+    /// (constants.rs asserts it); a `max_pending` under 1 MiB starts channels with a smaller
+    /// window, and the mark shrinks with it, down to none below a large read.
+    fn for_window(window: u32) -> Coalesce {
+        let mark = COALESCE_BYTES.min(window as usize / 4);
+        Coalesce {
+            mark: if mark >= COALESCE_AFTER_READ { mark } else { 0 },
+            ..Coalesce::default()
+        }
+    }
+
     /// After a read of `n` bytes. Bulk data starts coalescing; only a quiet spell (the timer)
     /// ends it, since the read right after a full one is often short while data keeps flowing.
     fn after_read(&mut self, tcp: &TcpStream, n: usize) {
@@ -141,7 +159,7 @@ impl Coalesce {
             self.streak = self.streak.wrapping_add(1);
             // Try at the second large read, and then only every `COALESCE_RETRY_READS`:
             // while the receive buffer is too small, each try costs a system call.
-            if !self.on && self.streak % COALESCE_RETRY_READS == 2 {
+            if !self.on && self.mark > 0 && self.streak % COALESCE_RETRY_READS == 2 {
                 self.set(tcp, true);
             }
         } else if !self.on {
@@ -158,7 +176,7 @@ impl Coalesce {
             let big = socket2::SockRef::from(tcp)
                 .recv_buffer_size()
                 .is_ok_and(|b| b >= COALESCE_MIN_RCVBUF);
-            self.on = big && set_recv_lowat(tcp, COALESCE_BYTES).is_ok();
+            self.on = big && set_recv_lowat(tcp, self.mark).is_ok();
         } else {
             #[cfg(test)]
             let lower = !self.kernel_ignores_lowering;
@@ -208,13 +226,13 @@ impl Transport {
         Transport {
             tcp,
             pending: BytesMut::new(),
+            coalesce: Coalesce::for_window(session.initial_window),
             session,
             pause: None,
             stuck: false,
             rbuf: vec![0u8; SSH_READ_BUFFER].into_boxed_slice(),
             rpos: 0,
             rlen: 0,
-            coalesce: Coalesce::default(),
             acker,
         }
     }
@@ -395,6 +413,7 @@ impl AsyncWrite for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constants::SSH_WINDOW_SIZE;
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -406,6 +425,16 @@ mod tests {
         let (tcp, _) = l.accept().await.unwrap();
         let t = Transport::new(tcp, Arc::default());
         (t, peer)
+    }
+
+    /// A lone channel fills the mark with half its window in flight, whatever max_pending
+    /// made the window: the full mark for the default, less for smaller, none below a read.
+    #[test]
+    fn the_coalescing_mark_fits_half_the_sessions_window() {
+        assert_eq!(Coalesce::for_window(SSH_WINDOW_SIZE).mark, COALESCE_BYTES);
+        assert_eq!(Coalesce::for_window(512 * 1024).mark, 128 * 1024);
+        assert!(2 * Coalesce::for_window(256 * 1024).mark <= 128 * 1024);
+        assert_eq!(Coalesce::for_window(64 * 1024).mark, 0);
     }
 
     /// Read `n` bytes; a read stalled for 10 s fails the test instead of hanging it.

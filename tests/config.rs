@@ -203,7 +203,14 @@ fn key_problems_are_named_without_showing_the_key() {
         .success());
     let e35 = f.dir.path().join("e35_rsa");
     assert!(Command::new("openssl")
-        .args(["genpkey", "-quiet", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+        .args([
+            "genpkey",
+            "-quiet",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048"
+        ])
         .args(["-pkeyopt", "rsa_keygen_pubexp:35", "-out"])
         .arg(&e35)
         .status()
