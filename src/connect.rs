@@ -5,12 +5,16 @@
 //! quarter of a second, not the whole timeout. Used for the SSH server, the proxy, targets and
 //! `doctor`, after [`resolve`], the one name lookup they all share.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
+
+use crate::backoff::Backoff;
+use crate::constants::CONNECT_ATTEMPTS_PER_ADDRESS;
 
 /// Why a name gave no addresses.
 #[derive(Debug)]
@@ -65,9 +69,14 @@ pub async fn first_of(
 }
 
 /// As [`first_of`]; with `reprobe`, once every address has its attempt, each address with no
-/// answer yet gets a fresh one every `reprobe` (the caller bounds the whole). The kernel
-/// retransmits a SYN 1, 3 and 7 s after the first, then gives up for 8 s more, so a path that
-/// comes back after a blackout would otherwise be seen only seconds later.
+/// answer yet gets a fresh one about every `reprobe` (give or take a quarter, so a fleet of
+/// agents does not probe in step; the caller bounds the whole). The kernel retransmits a SYN
+/// 1, 3 and 7 s after the first, then gives up for 8 s more, so a path that comes back after a
+/// blackout would otherwise be seen only seconds later. At most
+/// `CONNECT_ATTEMPTS_PER_ADDRESS` attempts per address are in flight, the oldest dropped for
+/// a fresh one: otherwise up to eight sockets per address, retransmitting on their own
+/// schedules, could all be answered when the path returns, and the server would see several
+/// connections opened and closed at once (log noise, `MaxStartups`).
 pub async fn first_of_probing(
     addrs: &[SocketAddr],
     stagger: Duration,
@@ -77,14 +86,24 @@ pub async fn first_of_probing(
     let mut queue = order.clone().into_iter();
     let mut attempts = JoinSet::new();
     let mut errors: Vec<(SocketAddr, io::Error)> = Vec::new();
-    let start = |attempts: &mut JoinSet<_>, addr: SocketAddr| {
-        attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+    // Each address's attempts in flight, oldest first.
+    let mut in_flight: HashMap<SocketAddr, VecDeque<AbortHandle>> = HashMap::new();
+    let mut start = |attempts: &mut JoinSet<_>, addr: SocketAddr| {
+        let handle = attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+        let mine = in_flight.entry(addr).or_default();
+        mine.retain(|h| !h.is_finished());
+        mine.push_back(handle);
+        while mine.len() > CONNECT_ATTEMPTS_PER_ADDRESS {
+            mine.pop_front().inspect(AbortHandle::abort);
+        }
     };
     match queue.next() {
         Some(addr) => start(&mut attempts, addr),
         None => return Err(errors),
     }
-    let mut reprobe_at = reprobe.map(|d| tokio::time::Instant::now() + d);
+    let mut jitter = Backoff::default();
+    let mut next_reprobe = move || reprobe.map(|d| tokio::time::Instant::now() + jitter.around(d));
+    let mut reprobe_at = next_reprobe();
     loop {
         let more = queue.len() > 0;
         tokio::select! {
@@ -110,7 +129,7 @@ pub async fn first_of_probing(
                 for addr in order.iter().filter(|a| !errors.iter().any(|(e, _)| e == *a)) {
                     start(&mut attempts, *addr);
                 }
-                reprobe_at = reprobe_at.zip(reprobe).map(|(at, d)| at + d);
+                reprobe_at = next_reprobe();
             }
         }
     }

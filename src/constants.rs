@@ -122,10 +122,13 @@ pub const FAST_RETRY_WINDOW: Duration = Duration::from_secs(30);
 /// After a connect timeout (nothing answered; the attempt itself sent a SYN every
 /// `CONNECT_REPROBE`), the next attempt follows within this, so that probing never stops.
 pub const PROBE_DELAY_MAX: Duration = Duration::from_secs(1);
-/// A connect attempt with no answer yet sends a fresh SYN this often beside the kernel's own
-/// retransmissions (1, 3, 7 s after the first), so that a path that comes back is seen within
-/// about this.
+/// A connect attempt with no answer yet sends a fresh SYN about this often (give or take a
+/// quarter) beside the kernel's own retransmissions (1, 3, 7 s after the first), so that a path
+/// that comes back is seen within about this ...
 pub const CONNECT_REPROBE: Duration = Duration::from_secs(2);
+/// ... keeping at most this many attempts per address in flight (the oldest dropped): when
+/// the path returns, one connection is answered, not one per socket still retransmitting.
+pub const CONNECT_ATTEMPTS_PER_ADDRESS: usize = 2;
 /// After resetting our own lost session's connection (tunnel/mod.rs, `Stale`), a refused
 /// forward is asked for again this often ...
 pub const QUICK_STANDBY_RETRY: Duration = Duration::from_secs(1);

@@ -138,8 +138,20 @@ async fn after_a_long_blackout_the_tunnel_is_back_within_seconds_of_the_path() {
         agent.output()
     );
     // 45 s dark, as a long outage: the old connection's retransmissions are by then tens of
-    // seconds apart, and new attempts have met silence for over half a minute.
-    tokio::time::sleep(Duration::from_secs(45).saturating_sub(cut.elapsed())).await;
+    // seconds apart, and new attempts have met silence for over half a minute. Meanwhile the
+    // agent keeps at most two attempts in flight to the server's one address (before: up to
+    // eight, which could all be answered at once when the path returned).
+    let mut most_syn_sent = 0;
+    while cut.elapsed() < Duration::from_secs(45) {
+        let syn_sent = line.near.run(&["ss", "-Htn", "state", "syn-sent"]);
+        most_syn_sent = most_syn_sent.max(syn_sent.lines().count());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("at most {most_syn_sent} connection attempts in flight during the blackout");
+    assert!(
+        (1..=2).contains(&most_syn_sent),
+        "{most_syn_sent} connection attempts in flight at once during the blackout"
+    );
     line.set_blackout(false);
     let back = Instant::now();
 
