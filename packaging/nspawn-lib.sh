@@ -38,6 +38,10 @@ fresh_root() {
 # test), ansible-core and sudo (the Ansible role's test; python3-cffi-backend by name, since
 # debootstrap does not resolve the virtual package python3-cryptography needs).
 BOOKWORM_PACKAGES=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates,rpm,ansible-core,python3-cffi-backend,sudo
+# The newer systems booted for the core checks. Debian 13's also carries openssh-server: the
+# tests run its sshd (OpenSSH 10) as a second server (tests/openssh10-root.sh).
+CORE_PACKAGES=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates
+TRIXIE_PACKAGES=$CORE_PACKAGES,openssh-server
 
 nspawn_pid=""
 agent_pid=""

@@ -42,6 +42,12 @@ pub enum TunnelError {
     #[error("the SSH session stopped responding for {window:?}; tearing it down")]
     Wedged { window: Duration },
 
+    #[error("the server {server} offers no post-quantum key exchange and [tunnel] require_post_quantum is set: refused before authentication (the server offers: {}); OpenSSH 9.9 and later offer mlkem768x25519-sha256: ask Secoda, or remove require_post_quantum", .offered.join(", "))]
+    NotPostQuantum {
+        server: String,
+        offered: Vec<String>,
+    },
+
     /// Only for a host that is not one of a pair (`[tunnel] pair`); a pair's host stands by.
     #[error("the server {server} refused to listen on {listen}: the port is held by another session (a tunnel on another host, an old Docker container, or a session the server has not timed out yet), or this account may not forward it (sshd's PermitListen or AllowTcpForwarding, a mistyped [tunnel] listen_port, a port taken by another process on the server); if another host runs this tunnel on purpose, set [tunnel] pair = true on both")]
     ForwardRefused { server: String, listen: String },
@@ -87,6 +93,7 @@ impl TunnelError {
             TunnelError::KeepaliveTimeout { .. } => "keepalive_timeout",
             TunnelError::Wedged { .. } => "wedged",
             TunnelError::ForwardRefused { .. } => "forward_refused",
+            TunnelError::NotPostQuantum { .. } => "not_post_quantum",
             TunnelError::Lost { .. } => "lost",
             TunnelError::ProxyUnreachable { .. } => "proxy_unreachable",
             TunnelError::ProxyTimeout { .. } => "proxy_timeout",

@@ -5,6 +5,7 @@
 
 pub mod accept;
 pub mod agent;
+pub mod algorithms;
 pub mod backoff;
 pub mod channel;
 pub mod cli;

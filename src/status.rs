@@ -205,6 +205,9 @@ pub fn render(s: &Snapshot) -> String {
             span(s.now.saturating_sub(t))
         );
     }
+    if let Some(n) = &s.session {
+        out += &format!("  session:    {n}\n");
+    }
     out += &format!("  reconnects: {}\n", s.reconnects);
     match &s.last_error {
         Some(e) => {

@@ -15,6 +15,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use crate::algorithms::Negotiated;
 use crate::count::OpenCount;
 
 /// The tunnel's state as `status` reports it.
@@ -67,6 +68,9 @@ pub struct Snapshot {
     /// `[tunnel] pair`: a refused port is a standby (the other host serves), not an error.
     #[serde(default)]
     pub pair: bool,
+    /// What the current session negotiated (key exchange, cipher, host key, server version).
+    #[serde(default)]
+    pub session: Option<Negotiated>,
     /// Sessions established after the first one.
     pub reconnects: u64,
     pub last_error: Option<LastError>,
@@ -104,6 +108,16 @@ struct RouteLabels {
     proxy: String,
 }
 
+/// What the current session negotiated, as labels of `secoda_agent_session_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabels {
+    kex: String,
+    cipher: String,
+    host_key: String,
+    server_version: String,
+    post_quantum: String,
+}
+
 /// The tunnel a host serves, the same on both hosts of a pair: the alert rules group by it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
@@ -136,6 +150,7 @@ pub struct Metrics {
     standby: Gauge,
     route: Family<RouteLabels, Gauge>,
     tunnel: Family<TunnelLabels, Gauge>,
+    session: Family<SessionLabels, Gauge>,
     reconnects: Counter,
     session_age: Gauge<f64, AtomicU64>,
     channels_active: Gauge,
@@ -159,6 +174,7 @@ impl Metrics {
         let standby = Gauge::default();
         let route = Family::<RouteLabels, Gauge>::default();
         let tunnel = Family::<TunnelLabels, Gauge>::default();
+        let session = Family::<SessionLabels, Gauge>::default();
         let reconnects = Counter::default();
         let session_age = Gauge::<f64, AtomicU64>::default();
         let channels_active = Gauge::default();
@@ -190,6 +206,11 @@ impl Metrics {
             "tunnel_info",
             "1, labelled with the tunnel this host serves (server/listen address, the same on both hosts of a pair) and whether it is one of a pair",
             tunnel.clone(),
+        );
+        registry.register(
+            "session_info",
+            "1 while a session is established, labelled with what it negotiated: key exchange (post_quantum: whether it is a post-quantum hybrid), cipher, the server's host key type and version",
+            session.clone(),
         );
         registry.register(
             "reconnects",
@@ -257,6 +278,7 @@ impl Metrics {
             standby,
             route,
             tunnel,
+            session,
             reconnects,
             session_age,
             channels_active,
@@ -295,6 +317,7 @@ impl Metrics {
 
 struct Inner {
     state: State,
+    session: Option<Negotiated>,
     endpoints: Endpoints,
     connected: Option<(SystemTime, Instant)>,
     standby_since: Option<SystemTime>,
@@ -359,6 +382,7 @@ impl Telemetry {
             instance,
             inner: Mutex::new(Inner {
                 state: State::Connecting,
+                session: None,
                 endpoints,
                 connected: None,
                 standby_since: None,
@@ -376,6 +400,24 @@ impl Telemetry {
     pub fn set_endpoints(&self, endpoints: Endpoints) {
         self.metrics.set_route(&endpoints);
         lock(&self.inner).endpoints = endpoints;
+    }
+
+    /// What the established session negotiated (`None` when it is gone).
+    pub fn set_session(&self, negotiated: Option<Negotiated>) {
+        self.metrics.session.clear();
+        if let Some(n) = &negotiated {
+            self.metrics
+                .session
+                .get_or_create(&SessionLabels {
+                    kex: n.kex.clone(),
+                    cipher: n.cipher.clone(),
+                    host_key: n.host_key.clone(),
+                    server_version: n.server_version.clone(),
+                    post_quantum: n.post_quantum.to_string(),
+                })
+                .set(1);
+        }
+        lock(&self.inner).session = negotiated;
     }
 
     pub fn connecting(&self) {
@@ -434,6 +476,7 @@ impl Telemetry {
 
     /// A failed attempt or a lost session: the tunnel is down and retrying.
     pub fn down(&self, error: &str) {
+        self.set_session(None);
         let mut i = lock(&self.inner);
         i.state = State::Reconnecting;
         i.connected = None;
@@ -498,6 +541,7 @@ impl Telemetry {
             connected_since: i.connected.map(|(t, _)| unix(t)),
             standby_since: i.standby_since.map(unix),
             pair: i.endpoints.pair,
+            session: i.session.clone(),
             reconnects: i.sessions.saturating_sub(1),
             last_error: i.last_error.clone(),
             channels,

@@ -22,6 +22,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v promtool >/dev/null || missing+=(prometheus)
 # packaging/check-vendor.sh applies vendor/russh.patch to the released crate.
 command -v patch >/dev/null || missing+=(patch)
+# tests/openssh10-root.sh makes a Debian 13 root filesystem for OpenSSH 10's sshd.
+command -v debootstrap >/dev/null || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq
@@ -34,4 +36,10 @@ packaging/toolchain.sh
 # The fault-injection feature compiles in the faults tests inject (src/fault.rs), inert unless
 # a test asks for one; packages are built without it.
 cargo test --locked --features fault-injection
+# The tests of the session, the tunnel, a standby pair and the negotiated algorithms once
+# more against OpenSSH 10 (Debian 13's sshd, in a chroot): the server a customer's agent
+# meets from 2026 on, with a post-quantum key exchange by default.
+openssh10=$(tests/openssh10-root.sh)
+SECODA_TEST_OPENSSH10=$openssh10 \
+    cargo test --locked --features fault-injection --test session --test tunnel --test standby --test algorithms
 bash tests/demo.sh

@@ -101,6 +101,9 @@ pub struct TunnelConfig {
     /// This host is one of a pair running the same tunnel: a refused forward means the other
     /// host serves, and this one stands by quietly. Without it a refused forward is an error.
     pub pair: bool,
+    /// Offer only post-quantum key exchanges: a server without one is refused before
+    /// authentication (tunnel/ssh.rs).
+    pub require_post_quantum: bool,
 }
 
 impl TunnelConfig {
@@ -334,6 +337,7 @@ impl Config {
              host key pins: {pins}\n\
              keepalive:     every {ki:?}, dead after {km} unanswered\n\
              pair:          {pair}\n\
+             key exchange:  {kex}\n\
              forward:       connect timeout {ct:?}, at most {mc} connections, {mp} pending per channel in memory, then {ms} on disk; a target idle {stall:?} with data waiting is cut; a silent target probed after {ka:?} idle\n\
              policy:        {policy}\n\
              shutdown:      channels drain for up to {st:?}\n\
@@ -357,6 +361,11 @@ impl Config {
                 format!("yes: a refused port is a quiet standby (the other host serves); asked for every {:?}", t.standby_retry)
             } else {
                 format!("no: a refused port is an error, asked for again every {:?}", t.standby_retry)
+            },
+            kex = if t.require_post_quantum {
+                "post-quantum only (require_post_quantum): mlkem768x25519-sha256"
+            } else {
+                "post-quantum first (mlkem768x25519-sha256), then curve25519 and others"
             },
             ct = f.connect_timeout,
             mc = f.max_connections,

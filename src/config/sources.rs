@@ -43,6 +43,7 @@ pub(super) struct RawTunnel {
     pub(super) proxy: Option<String>,
     pub(super) standby_retry: Option<String>,
     pub(super) pair: Option<bool>,
+    pub(super) require_post_quantum: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -249,5 +249,6 @@ pub(super) fn settings(l: &Layers, errors: &mut Vec<String>) -> Option<TunnelCon
         proxy,
         standby_retry,
         pair: t.pair.unwrap_or(false),
+        require_post_quantum: t.require_post_quantum.unwrap_or(false),
     })
 }

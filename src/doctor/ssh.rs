@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use super::network::Route;
 use super::{elapsed_ms, Report};
+use crate::algorithms::Negotiated;
 use crate::config::fingerprint;
 use crate::config::{self, ClientKey, Config};
 use crate::constants::DOCTOR_STEP_TIMEOUT;
@@ -16,14 +17,31 @@ use crate::proxy;
 use crate::telemetry::State;
 use crate::tunnel::{authenticate, open_tcp, ssh_config};
 
-/// Records the host key the server presents; accepts it only if it is pinned.
+/// Records the host key the server presents, and what the key exchange settled; accepts the
+/// key only if it is pinned.
 struct Probe {
     pins: Vec<PublicKey>,
     presented: Arc<Mutex<Option<String>>>,
+    negotiated: Arc<Mutex<Option<Negotiated>>>,
 }
 
 impl client::Handler for Probe {
     type Error = russh::Error;
+
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        names: &russh::Names,
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        *self.negotiated.lock().unwrap_or_else(|e| e.into_inner()) = Some(Negotiated::new(
+            names.kex.as_ref(),
+            names.cipher.as_ref(),
+            names.key.as_str(),
+            session.remote_sshid(),
+        ));
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -50,9 +68,11 @@ pub(super) async fn ssh(
     let t = &cfg.tunnel;
     let pins: Vec<String> = t.host_keys.iter().map(fingerprint).collect();
     let presented = Arc::new(Mutex::new(None));
+    let negotiated = Arc::new(Mutex::new(None));
     let probe = Probe {
         pins: t.host_keys.clone(),
         presented: presented.clone(),
+        negotiated: negotiated.clone(),
     };
     let started = Instant::now();
     let handshake = async {
@@ -75,6 +95,9 @@ pub(super) async fn ssh(
                     elapsed_ms(started)
                 ),
             );
+            if let Some(n) = negotiated.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                r.ok("algorithms", n.to_string());
+            }
             h
         }
         (_, Some(seen)) if !pins.contains(&seen) => {
@@ -85,6 +108,26 @@ pub(super) async fn ssh(
             );
             r.skip("authentication", "the host key did not match");
             r.skip("remote forward", "the host key did not match");
+            return;
+        }
+        (
+            Ok(Err(russh::Error::NoCommonAlgo {
+                kind: russh::AlgorithmKind::Kex,
+                theirs,
+                ..
+            })),
+            _,
+        ) if t.require_post_quantum => {
+            r.fail(
+                "ssh handshake",
+                format!(
+                    "the server offers no post-quantum key exchange (it offers: {})",
+                    theirs.join(", ")
+                ),
+                "[tunnel] require_post_quantum refuses it: OpenSSH 9.9 and later offer mlkem768x25519-sha256; ask Secoda, or remove require_post_quantum",
+            );
+            r.skip("authentication", "no SSH session");
+            r.skip("remote forward", "no SSH session");
             return;
         }
         (Ok(Err(e)), _) => {

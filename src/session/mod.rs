@@ -5,7 +5,7 @@
 //! this module; it uses nothing of theirs.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use russh::client::WindowAdjuster;
 
@@ -15,6 +15,7 @@ mod flight;
 pub(crate) use flight::Flight;
 pub use flight::{Acks, FlightControl};
 
+use crate::algorithms::Negotiated;
 use crate::constants::{INTAKE_HIGH, INTAKE_PAUSE_MAX, SSH_BACKLOG_HIGH, SSH_OUTPUT_TURNS};
 use crate::count::OpenCount;
 
@@ -39,6 +40,8 @@ pub struct SessionShared {
     pub window: OnceLock<WindowAdjuster>,
     /// The window the session's channels start with (channel/window.rs).
     pub initial_window: u32,
+    /// What the key exchange settled (set by the handler's `kex_done`, again at each rekey).
+    pub negotiated: Mutex<Option<Negotiated>>,
 }
 
 impl Default for SessionShared {
@@ -53,6 +56,7 @@ impl Default for SessionShared {
             torn_down: watch::Sender::new(false),
             window: OnceLock::new(),
             initial_window: crate::constants::SSH_WINDOW_SIZE,
+            negotiated: Mutex::new(None),
         }
     }
 }

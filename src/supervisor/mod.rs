@@ -135,6 +135,21 @@ impl Supervisor {
         match result {
             Ok(session) => {
                 let (addr, port) = &session.listen;
+                let negotiated = session.negotiated();
+                self.opts.telemetry.set_session(negotiated.clone());
+                let (kex, cipher, host_key, version, pq) = match &negotiated {
+                    Some(n) => (
+                        n.kex.as_str(),
+                        n.cipher.as_str(),
+                        n.host_key.as_str(),
+                        n.server_version.as_str(),
+                        n.post_quantum,
+                    ),
+                    None => ("", "", "", "", false),
+                };
+                let algorithms = negotiated
+                    .as_ref()
+                    .map_or_else(String::new, |n| format!("; {n}"));
                 if session.refused_since().is_some() {
                     self.refusals.refused(
                         true,
@@ -147,8 +162,9 @@ impl Supervisor {
                 } else {
                     self.failures.recovered();
                     log::info!(
-                        tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port;
-                        "tunnel up: connected to {} as {}, the server listens on {addr}:{port}", session.server, self.cfg.tunnel.user);
+                        tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port,
+                        kex = kex, cipher = cipher, host_key_algorithm = host_key, server_version = version, post_quantum = pq;
+                        "tunnel up: connected to {} as {}, the server listens on {addr}:{port}{algorithms}", session.server, self.cfg.tunnel.user);
                     self.opts.telemetry.up();
                 }
                 // A pair's standby is a started service; a refused port on any other host is

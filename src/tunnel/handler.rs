@@ -12,6 +12,7 @@ use russh::keys::{PublicKey, PublicKeyOrCertificate};
 use russh::{Channel, ChannelId};
 use tokio::sync::oneshot;
 
+use crate::algorithms::Negotiated;
 use crate::channel::{self, ChannelContext, Forwarder, Inbox};
 use crate::config::fingerprint;
 use crate::count::OpenGuard;
@@ -102,6 +103,28 @@ impl Drop for SessionHandler {
 
 impl client::Handler for SessionHandler {
     type Error = HandlerError;
+
+    /// After each key exchange (the first only once the host key matched its pin): what was
+    /// negotiated, for the "tunnel up" line, status and the metrics.
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        names: &russh::Names,
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let negotiated = Negotiated::new(
+            names.kex.as_ref(),
+            names.cipher.as_ref(),
+            names.key.as_str(),
+            session.remote_sshid(),
+        );
+        *self
+            .shared
+            .negotiated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(negotiated);
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,

@@ -25,6 +25,7 @@ use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
 use tokio::sync::oneshot;
 
+use crate::algorithms::Negotiated;
 use crate::channel::{self, Forwarder};
 use crate::config::{fingerprint, TunnelConfig};
 use crate::constants::*;
@@ -195,6 +196,18 @@ pub async fn establish(
                     expected: t.host_keys.iter().map(fingerprint).collect(),
                     presented,
                 },
+                HandlerError::Ssh(russh::Error::NoCommonAlgo {
+                    kind: russh::AlgorithmKind::Kex,
+                    theirs,
+                    ..
+                }) if t.require_post_quantum => TunnelError::NotPostQuantum {
+                    server: server.clone(),
+                    // The key exchanges proper, not the extension markers.
+                    offered: theirs
+                        .into_iter()
+                        .filter(|k| !k.starts_with("ext-info-") && !k.starts_with("kex-strict-"))
+                        .collect(),
+                },
                 HandlerError::Ssh(e) => TunnelError::Handshake {
                     server: server.clone(),
                     reason: e.to_string(),
@@ -288,6 +301,15 @@ pub(crate) async fn authenticate<H: client::Handler>(
 impl Session {
     pub fn open_channels(&self) -> usize {
         self.shared.channels.get()
+    }
+
+    /// What the key exchange settled.
+    pub fn negotiated(&self) -> Option<Negotiated> {
+        self.shared
+            .negotiated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Since when the server refuses the forward, if it does.

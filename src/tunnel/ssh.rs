@@ -2,7 +2,7 @@
 //! cipher preference, which follows whether this CPU does AES in hardware.
 
 use russh::client::{self};
-use russh::{cipher, Preferred};
+use russh::{cipher, kex, Preferred};
 
 use crate::config::TunnelConfig;
 use crate::constants::*;
@@ -50,6 +50,15 @@ pub fn aes_in_hardware() -> bool {
     }
 }
 
+/// With `[tunnel] require_post_quantum`: the only key exchange offered (russh has no
+/// sntrup761), with the extension markers russh offers by default (RFC 8308's ext-info and
+/// OpenSSH's strict key exchange, the Terrapin fix).
+const POST_QUANTUM_ONLY: &[kex::Name] = &[
+    kex::MLKEM768X25519_SHA256,
+    kex::EXTENSION_SUPPORT_AS_CLIENT,
+    kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+];
+
 pub fn ssh_config(t: &TunnelConfig) -> client::Config {
     client::Config {
         // russh's own keepalive: ping when the server has been quiet for keepalive_interval.
@@ -72,6 +81,11 @@ pub fn ssh_config(t: &TunnelConfig) -> client::Config {
         },
         preferred: Preferred {
             cipher: std::borrow::Cow::Borrowed(cipher_preference(aes_in_hardware())),
+            kex: if t.require_post_quantum {
+                std::borrow::Cow::Borrowed(POST_QUANTUM_ONLY)
+            } else {
+                Preferred::default().kex
+            },
             ..Preferred::default()
         },
         ..client::Config::default()

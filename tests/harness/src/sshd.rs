@@ -10,6 +10,15 @@ use tempfile::TempDir;
 
 pub const SSHD: &str = "/usr/sbin/sshd";
 
+/// `SECODA_TEST_OPENSSH10`: a Debian 13 root filesystem (tests/openssh10-root.sh) whose sshd,
+/// OpenSSH 10, every [`Sshd`] runs instead of this system's (OpenSSH 9.2), in a chroot. Its
+/// files (keys, config, log) live inside that root; the agent reads the client key there.
+pub fn openssh10_root() -> Option<PathBuf> {
+    std::env::var_os("SECODA_TEST_OPENSSH10")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 /// A loopback port nothing listens on now, never one this process handed out before: a port
 /// is free again once its sshd is killed, and the kernel may offer it to the next caller,
 /// which (as a listen port) would then clash with the sshd when it restarts on its port.
@@ -60,6 +69,8 @@ pub struct Sshd {
     extra_config: String,
     child: Option<Child>,
     netns: Option<String>,
+    /// The chroot of an OpenSSH 10 sshd ([`openssh10_root`]).
+    root: Option<PathBuf>,
 }
 
 /// `program` run inside network namespace `netns`, or directly. `ip netns exec` execs the
@@ -88,10 +99,14 @@ impl Sshd {
     /// An sshd inside network namespace `netns` (see [`NetNs`]).
     pub fn start_in(netns: Option<&str>, extra_config: &str) -> Sshd {
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd (tests run as root)");
-        let dir = tempfile::Builder::new()
-            .prefix("sa-sshd")
-            .tempdir()
-            .unwrap();
+        let root = openssh10_root();
+        let mut dir = tempfile::Builder::new();
+        dir.prefix("sa-sshd");
+        let dir = match &root {
+            Some(r) => dir.tempdir_in(r.join("tmp")),
+            None => dir.tempdir(),
+        }
+        .unwrap();
         let (_, host_key) = keygen(dir.path(), "host_ed25519", "ed25519");
         let (client_key, client_pub) = keygen(dir.path(), "client_ed25519", "ed25519");
         std::fs::write(
@@ -109,6 +124,7 @@ impl Sshd {
             extra_config: extra_config.to_string(),
             child: None,
             netns: netns.map(String::from),
+            root,
         };
         sshd.spawn_on_free_port();
         sshd
@@ -117,7 +133,12 @@ impl Sshd {
     fn write_config(&self) {
         // The one sshd_config of the tests (tests/sshd-lib.sh fills in the same file). The
         // test's own lines go first: for sshd the first value of an option wins.
-        let d = self.dir.path().display().to_string();
+        // The paths as sshd sees them (inside its chroot, if any).
+        let inside = match &self.root {
+            Some(r) => Path::new("/").join(self.dir.path().strip_prefix(r).unwrap()),
+            None => self.dir.path().to_path_buf(),
+        };
+        let d = inside.display().to_string();
         let template = include_str!("../../sshd_config.in")
             .replace("@PORT@", &self.port.to_string())
             .replace("@HOST_KEY@", &format!("{d}/host_ed25519"))
@@ -140,11 +161,24 @@ impl Sshd {
     fn spawn(&mut self) -> bool {
         self.write_config();
         let log = std::fs::File::create(self.dir.path().join("sshd.log")).unwrap();
-        let child = command_in(self.netns.as_deref(), SSHD)
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(self.dir.path().join("sshd_config"))
+        let mut cmd = match &self.root {
+            Some(root) => {
+                let mut c = command_in(self.netns.as_deref(), "chroot");
+                c.arg(root).arg(SSHD).args(["-D", "-e", "-f"]).arg(
+                    Path::new("/")
+                        .join(self.dir.path().strip_prefix(root).unwrap())
+                        .join("sshd_config"),
+                );
+                c
+            }
+            None => {
+                let mut c = command_in(self.netns.as_deref(), SSHD);
+                c.args(["-D", "-e", "-f"])
+                    .arg(self.dir.path().join("sshd_config"));
+                c
+            }
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
