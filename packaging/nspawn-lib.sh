@@ -10,20 +10,52 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 passed=0
 ok() { echo "ok: $*"; passed=$((passed + 1)); }
 
-# rootfs RELEASE ARCH INCLUDE: the path of a cached pristine minbase root filesystem.
+# rootfs RELEASE ARCH INCLUDE: the path of a cached pristine minbase root filesystem: Debian's
+# from deb.debian.org, Ubuntu's (focal, jammy, noble) from debootstrap's default Ubuntu mirror,
+# checked against Ubuntu's archive key (ubuntu_keyring).
 ROOTFS_CACHE=${SECODA_ROOTFS_CACHE:-/var/cache/secoda-agent-test}
+UBUNTU_SUITES="focal jammy noble"
 rootfs() {
     local dir=$ROOTFS_CACHE/$1-$2 stamp="$1 $2 $3"
+    local source=(http://deb.debian.org/debian) options=()
     if [ "$(cat "$dir/.complete" 2>/dev/null)" != "$stamp" ]; then
         rm -rf "$dir" "$dir.tmp"
         mkdir -p "$ROOTFS_CACHE"
-        debootstrap --arch="$2" --variant=minbase ${3:+--include="$3"} "$1" "$dir.tmp" \
-            http://deb.debian.org/debian >"$ROOTFS_CACHE/$1-$2.log" 2>&1 \
+        case " $UBUNTU_SUITES " in
+            *" $1 "*)
+                source=()
+                options=(--keyring="$(ubuntu_keyring)" --components=main,universe)
+                # bookworm's debootstrap has no script for noble; Ubuntu's own scripts link it.
+                [ -e "/usr/share/debootstrap/scripts/$1" ] || ln -s gutsy "/usr/share/debootstrap/scripts/$1"
+                ;;
+        esac
+        debootstrap --arch="$2" --variant=minbase ${3:+--include="$3"} "${options[@]}" "$1" "$dir.tmp" \
+            "${source[@]}" >"$ROOTFS_CACHE/$1-$2.log" 2>&1 \
             || fail "debootstrap $1 $2: $(tail -5 "$ROOTFS_CACHE/$1-$2.log")"
         echo "$stamp" > "$dir.tmp/.complete"
         mv "$dir.tmp" "$dir"
     fi
     echo "$dir"
+}
+# ubuntu_keyring: the path of Ubuntu's archive keyring, from Debian 13's ubuntu-keyring package
+# (bookworm has none). The package is found in Debian 13's Packages list, which debootstrap
+# verified, and checked against the checksum there.
+ubuntu_keyring() {
+    local keyring=$ROOTFS_CACHE/ubuntu-archive-keyring.gpg trixie list entry sum
+    if [ ! -s "$keyring" ]; then
+        trixie=$(rootfs trixie amd64 "$TRIXIE_PACKAGES")
+        list=$(ls "$trixie"/var/lib/apt/lists/*_dists_trixie_main_binary-amd64_Packages)
+        entry=$(awk '/^Package: ubuntu-keyring$/ { on = 1 } on && /^$/ { exit } on' "$list")
+        sum=$(echo "$entry" | sed -n 's/^SHA256: //p')
+        curl -fsS -o "$ROOTFS_CACHE/ubuntu-keyring.deb" \
+            "http://deb.debian.org/debian/$(echo "$entry" | sed -n 's/^Filename: //p')" \
+            || fail "could not download ubuntu-keyring"
+        echo "$sum  $ROOTFS_CACHE/ubuntu-keyring.deb" | sha256sum -c --quiet >&2 || fail "ubuntu-keyring: checksum"
+        rm -rf "$ROOTFS_CACHE/ubuntu-keyring"
+        dpkg-deb -x "$ROOTFS_CACHE/ubuntu-keyring.deb" "$ROOTFS_CACHE/ubuntu-keyring"
+        cp "$ROOTFS_CACHE/ubuntu-keyring/usr/share/keyrings/ubuntu-archive-keyring.gpg" "$keyring"
+    fi
+    echo "$keyring"
 }
 # A fresh copy of a cached root filesystem, with the /etc/hosts every real host has
 # (debootstrap writes none; the agent resolves "localhost").

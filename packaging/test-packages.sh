@@ -66,6 +66,9 @@ for r in "$rpm_file:x86_64" "$rpm_arm:aarch64"; do
     echo "$requires" | grep -F 'libc.so.6(GLIBC_2.17)' >/dev/null || fail "$f requires: $requires"
     echo "$requires" | grep -E 'GLIBC_2\.(1[89]|[2-9][0-9])' >/dev/null && fail "$f requires a newer glibc: $requires"
     echo "$requires" | grep PayloadIsZstd >/dev/null && fail "$f has a zstd payload, which rpm < 4.14 cannot read"
+    for tool in /usr/sbin/useradd /usr/sbin/groupadd; do
+        echo "$requires" | grep -x "$tool" >/dev/null || fail "$f does not require $tool, which %pre runs: $requires"
+    done
 done
 # The binaries inside the packages, not only the ones in target/.
 for d in "$deb:X86-64" "$deb_arm:AArch64"; do
@@ -424,37 +427,64 @@ check_purge
 ok "purge leaves nothing behind (an enabled instance disabled, no dangling link)"
 stop_container
 
-step "Debian 11 (glibc 2.31, systemd 247): core checks"
-boot_fresh bullseye bullseye amd64 systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates
-listen_port=$(free_port)
-cp "$deb" "$ROOT/root/"
-inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/"$(basename "$deb")" >/dev/null \
-    || fail "apt install on Debian 11"
-[ "$(inside systemctl is-enabled secoda-agent || true)" = "disabled" ] || fail "enabled on install"
-# systemd 247 knows every directive of the unit; an older one only warns about unknown keys
-# (README: "Supported systems"). Anything else here would be a real problem.
-verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service 2>&1 || true)
-other=$(echo "$verify" | grep -v -e '^$' -e 'Unknown key name' -e 'Unknown lvalue' || true)
-[ -z "$other" ] || fail "systemd-analyze verify on Debian 11: $verify"
-ok "installed with apt on Debian 11, not enabled; systemd-analyze verify: ${verify:-clean}"
-start_web
-install_key
-write_config
-timeout 60 nsenter -t "$init_pid" -a systemctl enable --now secoda-agent >/dev/null 2>&1 \
-    || fail "enable --now on Debian 11: $(unit_status)"
-wait_active
-check_connected
-ok "enable --now: active, STATUS connected, curl through the tunnel"
-check_status_command
-ok "status says up"
-check_reload
-ok "broken config refused by reload; the old config keeps serving"
-check_purge
-ok "purge leaves nothing behind"
-stop_container
+# core_checks NAME RELEASE PACKAGES: boots a fresh copy of that system and proves what Debian 12
+# proves of the everyday life of a customer's host: apt install, systemd-analyze verify (only
+# unknown keys, which older systemds ignore), enable --now, the tunnel serving, STATUS,
+# `status`, a reload with a broken config, the watchdog restarting a frozen agent, purge.
+core_checks() {
+    local name=$1 release=$2 packages=$3 verify other old_pid new_pid
+    step "$name: core checks"
+    boot_fresh "$release" "$release" amd64 "$packages"
+    listen_port=$(free_port)
+    cp "$deb" "$ROOT/root/"
+    inside env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/"$(basename "$deb")" \
+        >"$work/install-$release.log" 2>&1 || fail "apt install on $name: $(tail -20 "$work/install-$release.log")"
+    check_fresh_install
+    verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service /lib/systemd/system/secoda-agent@.service 2>&1 || true)
+    other=$(echo "$verify" | grep -v -e '^$' -e 'Unknown key name' -e 'Unknown lvalue' || true)
+    [ -z "$other" ] || fail "systemd-analyze verify on $name: $verify"
+    ok "$name: installed with apt, user made, not enabled; systemd-analyze verify: ${verify:-clean}"
+    start_web
+    install_key
+    write_config
+    # The watchdog check below, shortened.
+    mkdir -p "$ROOT/etc/systemd/system/secoda-agent.service.d"
+    printf '[Service]\nWatchdogSec=4s\nRestartSec=1s\n' > "$ROOT/etc/systemd/system/secoda-agent.service.d/test.conf"
+    inside systemctl daemon-reload
+    timeout 60 nsenter -t "$init_pid" -a systemctl enable --now secoda-agent >/dev/null 2>&1 \
+        || fail "enable --now on $name: $(unit_status)"
+    wait_active
+    check_connected
+    check_status_command
+    ok "$name: enable --now: active, STATUS connected, status says up, curl through the tunnel"
+    check_reload
+    ok "$name: a broken config is refused by reload; the old config keeps serving"
+    old_pid=$(inside systemctl show -p MainPID --value secoda-agent)
+    inside /bin/sh -c "kill -STOP $old_pid"
+    new_pid=$old_pid
+    for _ in $(seq 1 100); do
+        new_pid=$(inside systemctl show -p MainPID --value secoda-agent)
+        [ "$new_pid" != "$old_pid" ] && [ "$new_pid" != 0 ] && [ "$(inside systemctl is-active secoda-agent || true)" = active ] && break
+        sleep 0.2
+    done
+    [ "$new_pid" != "$old_pid" ] || fail "$name: the watchdog did not restart a frozen agent: $(unit_status)"
+    wait_active
+    check_connected
+    ok "$name: the watchdog restarted a frozen agent (pid $old_pid -> $new_pid), serving again"
+    rm -r "$ROOT/etc/systemd/system/secoda-agent.service.d"
+    check_purge
+    ok "$name: purge leaves nothing behind"
+    stop_container
+}
+
+core_checks "Debian 11 (glibc 2.31, systemd 247)" bullseye "$CORE_PACKAGES"
+core_checks "Debian 13 (glibc 2.41, systemd 257)" trixie "$TRIXIE_PACKAGES"
+core_checks "Ubuntu 24.04 (glibc 2.39, systemd 255)" noble "$CORE_PACKAGES"
+core_checks "Ubuntu 22.04 (glibc 2.35, systemd 249)" jammy "$CORE_PACKAGES"
+core_checks "Ubuntu 20.04 (glibc 2.31, systemd 245)" focal "$CORE_PACKAGES"
 
 step "Debian 11: installed in an image builder's chroot (no /proc)"
-ROOT=$(fresh_root bullseye-chroot bullseye amd64 systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates)
+ROOT=$(fresh_root bullseye-chroot bullseye amd64 "$CORE_PACKAGES")
 cp "$deb" "$ROOT/root/"
 [ ! -e "$ROOT/proc/self" ] || fail "/proc is mounted in the chroot"
 # What the fallback is for: Debian 11's systemd-sysusers cannot run here.
