@@ -110,8 +110,11 @@ for target in "${TARGETS[@]}"; do
     # cargo-generate-rpm only lowers a file's time to SOURCE_DATE_EPOCH, and keeps an older
     # one: a checkout made before the commit's date (any but a fresh clone) gave other rpms.
     # Every packaged file gets the commit's time (after the build: never a stale one).
-    sed -n 's/.*{ source = "\([^"]*\)".*/\1/p' Cargo.toml | sed "s|^target/release/|target/$target/release/|" \
-        | xargs touch -d "@$SOURCE_DATE_EPOCH"
+    # (Unquoted: a source may be a glob, such as docs/*.md.)
+    for asset in $(sed -n 's/.*{ source = "\([^"]*\)".*/\1/p' Cargo.toml | sed "s|^target/release/|target/$target/release/|"); do
+        # shellcheck disable=SC2086
+        touch -d "@$SOURCE_DATE_EPOCH" $asset
+    done
     # xz, not the default zstd: rpm before 4.14 (Amazon Linux 2) cannot read a zstd payload.
     cargo generate-rpm --target "$target" --payload-compress xz --output target/packages/
 done

@@ -12,7 +12,8 @@ usage: secoda-agent [run] [--config PATH] [--env-file PATH] [--instance NAME] [-
 
   run             keep the tunnel up (the default)
   check-config    validate the configuration without connecting; exit 0 or 78
-  status          ask the running agent how the tunnel is: exit 0 up, 3 down, 4 not running
+  status          ask the running agent how the tunnel is: exit 0 up, 3 down, 4 not running,
+                  5 standing by (one of a pair), 77 not permitted
   doctor          check step by step that this host can run the tunnel; exit 0 if all pass
   --config PATH   TOML configuration (default /etc/secoda-agent/agent.toml, if present)
   --env-file PATH KEY=VALUE file as the Docker image takes it

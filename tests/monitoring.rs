@@ -56,8 +56,9 @@ fn the_rules_pass_promtool_and_every_alert_has_its_unit_test_and_runbook() {
 
     let tests = std::fs::read_to_string(monitoring().join("secoda-agent.rules.test.yml")).unwrap();
     let rules = std::fs::read_to_string(rules_file()).unwrap();
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let runbooks =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/monitoring.md"))
+            .unwrap();
     for name in &names {
         // Both cases for each alert: silent (no alerts expected) and firing (labels expected).
         let cases: Vec<&str> = tests
@@ -80,13 +81,13 @@ fn the_rules_pass_promtool_and_every_alert_has_its_unit_test_and_runbook() {
         for key in ["for:", "summary:", "description:", "runbook:"] {
             assert!(rule.contains(key), "{name} has no {key}");
         }
-        // The runbook is a README heading: `#### SecodaAgentTunnelDown` is
-        // README.md#secodaagenttunneldown.
-        let anchor = format!("README.md#{}", name.to_lowercase());
+        // The runbook is a heading of docs/monitoring.md: `#### SecodaAgentTunnelDown` is
+        // docs/monitoring.md#secodaagenttunneldown.
+        let anchor = format!("docs/monitoring.md#{}", name.to_lowercase());
         assert!(rule.contains(&anchor), "{name}: runbook is not {anchor}");
         assert!(
-            readme.contains(&format!("\n#### {name}\n")),
-            "README has no runbook section for {name}"
+            runbooks.contains(&format!("\n#### {name}\n")),
+            "docs/monitoring.md has no runbook section for {name}"
         );
     }
 }
