@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a customer's security review asks of the dependencies (README "Verifying a release"):
+# What a customer's security review asks of the dependencies (docs/installation.md "Verifying a release"):
 #   1. the dependency policy (deny.toml): licences, duplicate versions, sources;
 #   2. known advisories (RustSec) for Cargo.lock, offline against a dated copy of the database;
 #   3. with the packages built (target/packages/, packaging/build.sh), for each of the four:

@@ -10,13 +10,14 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 passed=0
 ok() { echo "ok: $*"; passed=$((passed + 1)); }
 
-# rootfs RELEASE ARCH INCLUDE: the path of a cached pristine minbase root filesystem: Debian's
+# rootfs RELEASE ARCH INCLUDE [TAG]: the path of a cached pristine minbase root filesystem
+# (TAG tells apart two package lists of one release): Debian's
 # from deb.debian.org, Ubuntu's (focal, jammy, noble) from debootstrap's default Ubuntu mirror,
 # checked against Ubuntu's archive key (ubuntu_keyring).
 ROOTFS_CACHE=${SECODA_ROOTFS_CACHE:-/var/cache/secoda-agent-test}
 UBUNTU_SUITES="focal jammy noble"
 rootfs() {
-    local dir=$ROOTFS_CACHE/$1-$2 stamp="$1 $2 $3"
+    local dir=$ROOTFS_CACHE/$1-$2${4:+-$4} stamp="$1 $2 $3"
     local source=(http://deb.debian.org/debian) options=()
     if [ "$(cat "$dir/.complete" 2>/dev/null)" != "$stamp" ]; then
         rm -rf "$dir" "$dir.tmp"
@@ -30,8 +31,8 @@ rootfs() {
                 ;;
         esac
         debootstrap --arch="$2" --variant=minbase ${3:+--include="$3"} "${options[@]}" "$1" "$dir.tmp" \
-            "${source[@]}" >"$ROOTFS_CACHE/$1-$2.log" 2>&1 \
-            || fail "debootstrap $1 $2: $(tail -5 "$ROOTFS_CACHE/$1-$2.log")"
+            "${source[@]}" >"$dir.log" 2>&1 \
+            || fail "debootstrap $1 $2: $(tail -5 "$dir.log")"
         echo "$stamp" > "$dir.tmp/.complete"
         mv "$dir.tmp" "$dir"
     fi
@@ -57,11 +58,11 @@ ubuntu_keyring() {
     fi
     echo "$keyring"
 }
-# A fresh copy of a cached root filesystem, with the /etc/hosts every real host has
-# (debootstrap writes none; the agent resolves "localhost").
+# fresh_root NAME RELEASE ARCH INCLUDE [TAG]: a fresh copy of a cached root filesystem, with
+# the /etc/hosts every real host has (debootstrap writes none; the agent resolves "localhost").
 fresh_root() {
     local root=$work/$1
-    cp -a "$(rootfs "$2" "$3" "$4")" "$root"
+    cp -a "$(rootfs "$2" "$3" "$4" "${5:-}")" "$root"
     [ -s "$root/etc/hosts" ] || printf '127.0.0.1 localhost\n::1 localhost ip6-localhost\n' > "$root/etc/hosts"
     echo "$root"
 }

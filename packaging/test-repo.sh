@@ -193,5 +193,55 @@ done
 inside secoda-agent status | grep "^secoda-agent $version .*tunnel up" >/dev/null || fail "after the downgrade: $(inside secoda-agent status)"
 ok "apt-get install secoda-agent=$version-1 downgrades; the agent runs $version"
 
+stop_container
+
+step "Debian 12: the cloud-init example (config/cloud-init.yaml) run by cloud-init from a NoCloud seed"
+# The example with this test's values: the repository and its key, the test sshd, its key.
+# The agent.toml lines are the example's plus what only this test needs (its sshd's port,
+# user, pinned key and listen address).
+python3 - "$work/user-data" "$base" "$repo/secoda-agent-archive-keyring.asc" "$AGENT_KEY" \
+    "$SSH_PORT" "$HOST_KEY_LINE" <<'PY' || fail "could not fill in config/cloud-init.yaml"
+import base64, sys
+out, base, key_asc, agent_key, ssh_port, host_key = sys.argv[1:]
+text = open("config/cloud-init.yaml").read()
+armored = open(key_asc).read().strip().splitlines()
+block = "\n".join("        " + line for line in armored)
+placeholder = ("        -----BEGIN PGP PUBLIC KEY BLOCK-----\n"
+               "        REPLACE WITH secoda-agent-archive-keyring.asc\n"
+               "        -----END PGP PUBLIC KEY BLOCK-----")
+assert placeholder in text
+text = text.replace(placeholder, block).replace("REPO_URL", base)
+text = text.replace("KEY_BASE64", base64.b64encode(open(agent_key, "rb").read()).decode())
+text = text.replace('host = "HOST"', 'host = "127.0.0.1"\n      port = %s\n      user = "root"' % ssh_port)
+text = text.replace("listen_port = LISTEN_PORT", "listen_port = LISTEN_PORT\n      listen_address = \"127.0.0.1\"\n"
+                    "      host_keys = [\"%s\"]" % host_key)
+open(out, "w").write(text)
+PY
+ROOT=$(fresh_root cloudinit bookworm amd64 "$BOOKWORM_PACKAGES,cloud-init" cloud-init)
+listen_port=$(free_port)
+sed -i "s/LISTEN_PORT/$listen_port/" "$work/user-data"
+mkdir -p "$ROOT/var/lib/cloud/seed/nocloud"
+cp "$work/user-data" "$ROOT/var/lib/cloud/seed/nocloud/user-data"
+printf 'instance-id: secoda-agent-test\nlocal-hostname: cloudinit\n' > "$ROOT/var/lib/cloud/seed/nocloud/meta-data"
+# The container shares the host's network: cloud-init must not configure it. And only this
+# repository, as above.
+printf 'network: {config: disabled}\ndatasource_list: [NoCloud, None]\n' > "$ROOT/etc/cloud/cloud.cfg.d/99-secoda-test.cfg"
+rm -f "$ROOT/etc/apt/sources.list"
+boot "$ROOT"
+schema=$(inside cloud-init schema --config-file /var/lib/cloud/seed/nocloud/user-data 2>&1) \
+    || fail "cloud-init schema: $schema"
+echo "$schema" | grep -i "valid" >/dev/null || fail "cloud-init schema: $schema"
+timeout 300 nsenter -t "$init_pid" -a cloud-init status --wait >/dev/null 2>&1 || true
+result=$(inside cloud-init status --long 2>&1 || true)
+echo "$result" | grep -E "^status: done" >/dev/null || fail "cloud-init did not finish: $result $(inside tail -30 /var/log/cloud-init-output.log)"
+wait_active
+start_web
+check_connected
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)" = "root:secoda-agent 640" ] || fail "agent.toml: $(inside stat -c '%U:%G %a' /etc/secoda-agent/agent.toml)"
+[ "$(inside stat -c '%U:%G %a' /etc/secoda-agent/id_ed25519)" = "secoda-agent:secoda-agent 600" ] || fail "the key: $(inside stat -c '%U:%G %a' /etc/secoda-agent/id_ed25519)"
+[ "$(inside systemctl is-enabled secoda-agent)" = enabled ] || fail "not enabled by the user-data"
+ok "cloud-init: the example passes cloud-init schema; from a NoCloud seed cloud-init added the signed repository, installed, wrote the key and agent.toml, and the tunnel serves"
+stop_container
+
 echo
 echo "repository: $passed passed, 0 failed"

@@ -140,7 +140,7 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 pub const REPEAT_LOG_LIMIT: u32 = 3;
 
 /// SSH flow control: OpenSSH's own 2 MiB channel window (16 MiB made sshd spend its time
-/// moving buffers, 4 MiB gained nothing; README "Performance") and 32 KiB packets, OpenSSH's
+/// moving buffers, 4 MiB gained nothing; docs/performance.md) and 32 KiB packets, OpenSSH's
 /// channel packet size.
 pub const SSH_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 pub const SSH_MAX_PACKET_SIZE: u32 = 32 * 1024;

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 /// Keep freed heap memory for reuse instead of returning it to the kernel at once. Bulk data
 /// passes through short-lived 32 KiB buffers; with glibc's default trim threshold (128 KiB)
 /// the heap shrank and regrew with every burst, and the page faults of refilling it cost more
-/// CPU than the copies themselves (README, "What the tuning found").
+/// CPU than the copies themselves (docs/performance.md, "What the tuning found").
 pub fn keep_freed_memory(bytes: usize) -> bool {
     #[cfg(target_env = "gnu")]
     {

@@ -347,7 +347,7 @@ impl AsyncRead for Transport {
                 // timer fires, and until then sshd's Nagle holds any small packet (another
                 // channel's ping) behind it. A slow target's data arrives as such bursts
                 // all the time, one per window grant, and a read may take a whole burst
-                // (README, "A long COPY"). A read that fills the buffer leaves more to
+                // (docs/performance.md, "A long COPY"). A read that fills the buffer leaves more to
                 // come, which the kernel ACKs as it arrives.
                 if n < this.rbuf.len() {
                     match &this.acker {

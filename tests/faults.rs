@@ -317,7 +317,7 @@ async fn a_vanished_active_host_is_replaced_once_the_server_gives_up_on_it() {
     // Watched through the standby's status, not by connecting to the port: a connection to
     // the port wakes the vanished session's sshd process, and OpenSSH 9.2 runs its first
     // client-alive check only after a poll that timed out, so steady traffic to the port
-    // keeps a dead session's port held (the README says so).
+    // keeps a dead session's port held (docs/high-availability.md says so).
     let took_over = eventually(Duration::from_secs(30), || async {
         second.status(&[]).0 == 0
     })

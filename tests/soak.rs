@@ -1,4 +1,4 @@
-//! Soak, not part of CI (see the README):
+//! Soak, not part of CI (see docs/performance.md):
 //!
 //!     SOAK_SECS=1800 cargo test --release --test soak -- --ignored --nocapture
 //!

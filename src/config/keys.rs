@@ -112,7 +112,7 @@ impl fmt::Display for SecretKey {
     }
 }
 
-/// Where the documented flow keeps credential `name`, encrypted (README "The key encrypted at
+/// Where the documented flow keeps credential `name`, encrypted (docs/security.md, "The key encrypted at
 /// rest").
 pub fn credential_file(name: &str) -> PathBuf {
     Path::new(DEFAULT_CONFIG_PATH).with_file_name(format!("{name}.cred"))
@@ -149,7 +149,7 @@ pub(super) fn load_key_credential(
             None => "secoda-agent".to_string(),
         };
         format!(
-            "the unit must provide it: `systemctl edit {unit}` and add [Service] {} (made with `systemd-creds encrypt --name={name} KEYFILE {}`; README: \"The key encrypted at rest\")",
+            "the unit must provide it: `systemctl edit {unit}` and add [Service] {} (made with `systemd-creds encrypt --name={name} KEYFILE {}`; docs/security.md: \"The key encrypted at rest\")",
             credential_unit_setting(name),
             credential_file(name).display()
         )
