@@ -7,8 +7,9 @@
 #   2. `apt-get install secoda-agent` installs VERSION; configured, enabled, the tunnel works;
 #   3. an edited agent.toml; VERSION+1 is released (packaging/release.sh) and built by this
 #      test, published beside VERSION, and `apt-get upgrade` (--force-confold, as
-#      unattended-upgrades) with the server down returns at once, keeps the edit, restarts the
-#      agent onto the new binary (`status` says VERSION+1), and the tunnel comes back;
+#      unattended-upgrades) with the server down returns at once, keeps the edit, replaces the
+#      agent (serving nothing) with the new binary in place (`status` says VERSION+1), and the
+#      tunnel comes back;
 #   4. `apt-get install secoda-agent=VERSION` downgrades;
 #   5. rpm: `rpm -K` passes for every signed rpm, createrepo_c's metadata lists x86_64 and
 #      aarch64, and repomd.xml's signature verifies.
@@ -157,7 +158,10 @@ ok "$next built and published; $version stays in the pool"
 
 step "Debian 12: apt-get upgrade to $next with the server down"
 old_pid=$(inside systemctl show -p MainPID --value secoda-agent)
+# The server down: its listener and its sessions (as a server that stops takes them along).
+pkill -P "$SSHD_PID" 2>/dev/null || true
 kill "$SSHD_PID"; wait "$SSHD_PID" 2>/dev/null || true
+sleep 1
 inside apt-get update -q >/dev/null 2>&1 || fail "apt-get update for $next"
 started=$(date +%s)
 timeout 120 nsenter -t "$init_pid" -a env DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -q \
@@ -167,17 +171,20 @@ took=$(( $(date +%s) - started ))
 [ "$took" -le 20 ] || fail "apt-get upgrade took ${took}s with the server down"
 [ "$(inside dpkg-query -W -f='${Version}' secoda-agent)" = "$next-1" ] || fail "upgraded to $(inside dpkg-query -W -f='${Version}' secoda-agent)"
 grep -x "# edited by the operator" "$ROOT/etc/secoda-agent/agent.toml" >/dev/null || fail "the upgrade lost the edit to agent.toml"
+# The agent was down (no port, no channel): the new binary took its place, same PID.
+grep "now runs the new version" "$work/upgrade.log" >/dev/null || fail "the package's output does not say the agent runs $next: $(tail -20 "$work/upgrade.log")"
+[ "$(inside systemctl show -p MainPID --value secoda-agent)" = "$old_pid" ] || fail "the main process changed: an agent that served nothing is replaced in place"
+[ "$(inside readlink "/proc/$old_pid/exe")" = /usr/bin/secoda-agent ] || fail "the agent runs $(inside readlink "/proc/$old_pid/exe")"
 start_test_sshd "$work"
-wait_restarted "$old_pid"
 for _ in $(seq 1 150); do
-    inside secoda-agent status >/dev/null 2>&1 && break
+    inside secoda-agent status 2>/dev/null | grep "tunnel up" >/dev/null && break
     sleep 0.2
 done
 inside secoda-agent status | grep "^secoda-agent $next .*tunnel up" >/dev/null || fail "after the upgrade: $(inside secoda-agent status)"
 check_connected
 inside zcat /usr/share/doc/secoda-agent/changelog.Debian.gz | head -1 | grep -F "($next-1)" >/dev/null \
     || fail "the installed changelog has no $next entry"
-ok "apt-get upgrade returned in ${took}s with the server down, kept the edited agent.toml, restarted the agent onto $next; tunnel back"
+ok "apt-get upgrade returned in ${took}s with the server down, kept the edited agent.toml, the agent (serving nothing) replaced in place by $next; tunnel back"
 
 step "Debian 12: downgrade to $version"
 old_pid=$(inside systemctl show -p MainPID --value secoda-agent)

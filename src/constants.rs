@@ -58,6 +58,18 @@ pub const TARGET_KEEPALIVE_PROBES: u32 = 6;
 pub const SPILL_SHRINK_AT: u64 = 64 * 1024 * 1024;
 /// How long open channels may drain on stop or when a session is retired.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long channels may still finish in the process (or session) they started in, after an
+/// upgrade handed the tunnel to a new binary or a reload opened a new session: a large table's
+/// sync runs for hours.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+pub const DRAIN_TIMEOUT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A new binary's process must serve the tunnel within this after the old one started it
+/// (connect, authenticate, take the port), or the handover is abandoned (handover.rs).
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// After the old process gave the port back, the new one asks for it again this often ...
+pub const HANDOVER_RETRY: Duration = Duration::from_millis(200);
+/// ... for at most this long (sshd frees the port as it answers the cancel).
+pub const HANDOVER_TAKE_WITHIN: Duration = Duration::from_secs(10);
 /// The packaged units' `TimeoutStopSec=`: systemd sends SIGKILL this long after SIGTERM.
 pub const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a stop needs beside the drain (the forward's cancel, the disconnect, exit): a

@@ -17,6 +17,7 @@ pub mod doctor;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod handover;
 pub mod logging;
 pub mod lookup;
 pub mod metrics;

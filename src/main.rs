@@ -91,6 +91,8 @@ fn run(
             return ExitCode::from(exit::CONFIG);
         }
     };
+    // Before the runtime's threads exist: it reads (and clears) the environment.
+    let handover = agent::Inherited::from_env();
     logging::init(log_level.unwrap_or(cfg.log.level), instance.as_deref());
     agent::prepare_process();
     for w in &cfg.warnings {
@@ -106,6 +108,7 @@ fn run(
         sources,
         instance,
         log_level,
+        handover,
     };
     let result = runtime.block_on(agent::run(cfg, opts));
     // Channel tasks still running after a forced stop are dropped with the runtime.

@@ -208,6 +208,14 @@ pub fn render(s: &Snapshot) -> String {
     if let Some(n) = &s.session {
         out += &format!("  session:    {n}\n");
     }
+    if let Some(d) = &s.draining {
+        out += &format!(
+            "  draining:   the previous binary's process (pid {}) is finishing {} open channel{} it took before the upgrade\n",
+            d.pid,
+            d.channels,
+            if d.channels == 1 { "" } else { "s" }
+        );
+    }
     out += &format!("  reconnects: {}\n", s.reconnects);
     match &s.last_error {
         Some(e) => {

@@ -103,3 +103,40 @@ pub fn tcp_round_trip(socket: &impl AsRawFd) -> Option<std::time::Duration> {
 pub fn tcp_unacknowledged(socket: &impl AsRawFd) -> Option<bool> {
     tcp_info(socket).map(|(info, _)| info.tcpi_unacked > 0)
 }
+
+/// Have `cmd`'s process receive each of `fds` as descriptor 3, 4, ... (in order), open across
+/// its exec, as systemd passes sockets (`LISTEN_FDS`): the handover's channel to the new
+/// binary and the listeners it takes over (handover.rs).
+pub fn pass_fds(cmd: &mut std::process::Command, fds: Vec<std::os::fd::RawFd>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls (dup, dup2, fcntl) on
+    // descriptors this process owns; no allocation (`fds` is moved in, read only).
+    unsafe {
+        cmd.pre_exec(move || {
+            // First out of the way of 3.., so that no source is overwritten before it is read.
+            let mut moved = [0; 16];
+            for (i, &fd) in fds.iter().enumerate().take(moved.len()) {
+                let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                if high < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                moved[i] = high;
+            }
+            for (i, &high) in moved.iter().enumerate().take(fds.len().min(16)) {
+                // dup2 clears FD_CLOEXEC on the new descriptor.
+                if libc::dup2(high, 3 + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Own descriptor `fd`, which the old process passed to this one at that number
+/// (`pass_fds`, handover.rs) and nothing else in this process holds.
+pub fn own_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is open (passed across exec) and owned by no other value here.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}

@@ -1,6 +1,7 @@
 //! The service manager protocol (sd_notify): READY, STATUS, RELOADING, STOPPING and the
 //! watchdog. Every call is a no-op when the agent is not run by systemd (no NOTIFY_SOCKET).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -24,7 +25,29 @@ pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
+/// Tell systemd that `pid` (the new binary's process, handover.rs) is the service's main
+/// process from now on: its READY, STATUS and watchdog pings count, this process's no longer.
+pub fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
+}
+
+/// While a new binary's process waits to take a tunnel over it is not yet the main process,
+/// and systemd (`NotifyAccess=main`) would log each of its messages as refused: it says
+/// nothing until the old process has named it (`speak`).
+static SILENT: AtomicBool = AtomicBool::new(false);
+
+pub fn keep_silent() {
+    SILENT.store(true, Ordering::Relaxed);
+}
+
+pub fn speak() {
+    SILENT.store(false, Ordering::Relaxed);
+}
+
 fn send(states: &[NotifyState]) {
+    if SILENT.load(Ordering::Relaxed) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(false, states) {
         log::debug!("sd_notify failed: {e}");
     }
@@ -32,9 +55,11 @@ fn send(states: &[NotifyState]) {
 
 /// The ping interval when systemd asked for a watchdog: half of `WATCHDOG_USEC`. Like
 /// libsystemd's `sd_watchdog_enabled`, `WATCHDOG_PID` must name this process when it is set.
-pub fn watchdog_interval() -> Option<Duration> {
+/// A new binary's process (handover.rs) inherits the old one's `WATCHDOG_PID`: it pings once
+/// it is the main process, so `successor` skips that check.
+pub fn watchdog_interval(successor: bool) -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+    if let (Ok(pid), false) = (std::env::var("WATCHDOG_PID"), successor) {
         if pid.parse::<u32>().ok() != Some(std::process::id()) {
             return None;
         }

@@ -71,12 +71,25 @@ pub struct Snapshot {
     /// What the current session negotiated (key exchange, cipher, host key, server version).
     #[serde(default)]
     pub session: Option<Negotiated>,
+    /// After an upgrade's handover: the previous binary's process, still finishing channels.
+    #[serde(default)]
+    pub draining: Option<Draining>,
+    /// This agent hands the tunnel over to a new binary on reload (handover.rs); the package
+    /// scripts reload rather than restart an agent that says so (an older one: false).
+    #[serde(default)]
+    pub handover: bool,
     /// Sessions established after the first one.
     pub reconnects: u64,
     pub last_error: Option<LastError>,
     pub channels: Vec<ChannelSnapshot>,
     /// Unix seconds when this snapshot was taken.
     pub now: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Draining {
+    pub pid: u32,
+    pub channels: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,6 +331,7 @@ impl Metrics {
 struct Inner {
     state: State,
     session: Option<Negotiated>,
+    draining: Option<Draining>,
     endpoints: Endpoints,
     connected: Option<(SystemTime, Instant)>,
     standby_since: Option<SystemTime>,
@@ -383,6 +397,7 @@ impl Telemetry {
             inner: Mutex::new(Inner {
                 state: State::Connecting,
                 session: None,
+                draining: None,
                 endpoints,
                 connected: None,
                 standby_since: None,
@@ -418,6 +433,11 @@ impl Telemetry {
                 .set(1);
         }
         lock(&self.inner).session = negotiated;
+    }
+
+    /// The previous binary's process and its open channels, while it drains (handover.rs).
+    pub fn set_draining(&self, draining: Option<Draining>) {
+        lock(&self.inner).draining = draining;
     }
 
     pub fn connecting(&self) {
@@ -542,6 +562,8 @@ impl Telemetry {
             standby_since: i.standby_since.map(unix),
             pair: i.endpoints.pair,
             session: i.session.clone(),
+            draining: i.draining,
+            handover: true,
             reconnects: i.sessions.saturating_sub(1),
             last_error: i.last_error.clone(),
             channels,

@@ -455,6 +455,7 @@ mod tests {
             stall_timeout: Duration::from_secs(60),
             target_keepalive: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(1),
             policy: crate::policy::Policy::default(),
         }
     }

@@ -130,6 +130,9 @@ pub struct ForwardConfig {
     /// no probe, or acknowledges nothing for as long, is closed (connect.rs).
     pub target_keepalive: Duration,
     pub shutdown_timeout: Duration,
+    /// How long a session's (or an old process's) open channels may finish after a reload
+    /// opened a new session or an upgrade handed the tunnel to a new binary.
+    pub drain_timeout: Duration,
     pub policy: Policy,
 }
 
@@ -300,6 +303,18 @@ fn forward(l: &Layers, errors: &mut Vec<String>) -> ForwardConfig {
             toml_at("forward", "target_keepalive")
         ));
     }
+    let drain_timeout = duration_setting(
+        &f.drain_timeout,
+        DEFAULT_DRAIN_TIMEOUT,
+        &toml_at("forward", "drain_timeout"),
+        errors,
+    );
+    if drain_timeout > DRAIN_TIMEOUT_MAX {
+        errors.push(format!(
+            "{}: {drain_timeout:?} is out of range (at most {DRAIN_TIMEOUT_MAX:?})",
+            toml_at("forward", "drain_timeout")
+        ));
+    }
     let policy = Policy::parse(
         f.allow.as_deref().unwrap_or(&[]),
         f.deny.as_deref().unwrap_or(&[]),
@@ -318,6 +333,7 @@ fn forward(l: &Layers, errors: &mut Vec<String>) -> ForwardConfig {
         stall_timeout,
         target_keepalive,
         shutdown_timeout,
+        drain_timeout,
         policy,
     }
 }

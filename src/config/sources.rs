@@ -56,6 +56,7 @@ pub(super) struct RawForward {
     pub(super) stall_timeout: Option<String>,
     pub(super) target_keepalive: Option<String>,
     pub(super) shutdown_timeout: Option<String>,
+    pub(super) drain_timeout: Option<String>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
 }

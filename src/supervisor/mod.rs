@@ -4,6 +4,7 @@
 
 mod failures;
 mod standby;
+mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,10 @@ pub struct Options {
     pub telemetry: Arc<Telemetry>,
     /// The agent's own TCP listeners as bound (the metrics endpoint): never a target.
     pub own_listeners: Vec<std::net::SocketAddr>,
+    /// The status socket, the metrics endpoint and the watchdog: passed on in a handover.
+    pub local: crate::agent::LocalServers,
+    /// Set in a new binary's process started by a handover: the channel to the old one.
+    pub successor: Option<crate::handover::Successor>,
 }
 
 enum Flow {
@@ -112,12 +117,14 @@ impl Supervisor {
         }
         let tunnel_cfg = self.cfg.tunnel.clone();
         let fwd = self.fwd.clone();
+        // A handover's new process waits for the old one to give the port back (upgrade.rs).
+        let forward = self.opts.successor.is_none();
         // The attempt owns the stale connection while it runs and hands it back (a signal
         // that interrupts it closes it normally: the server then frees the port later).
         let mut stale = std::mem::take(&mut self.stale);
         let resetting = stale.is_some();
         let attempt = async move {
-            let r = tunnel::establish(&tunnel_cfg, fwd, &mut stale).await;
+            let r = tunnel::establish(&tunnel_cfg, fwd, &mut stale, forward).await;
             (r, stale)
         };
         tokio::pin!(attempt);
@@ -131,6 +138,18 @@ impl Supervisor {
         self.stale = stale;
         if resetting && !self.stale.is_some() {
             self.refusals.after_reset();
+        }
+        if let (Ok(_), Some(_)) = (&result, &self.opts.successor) {
+            if let Ok(session) = result {
+                return self.take_over_from_predecessor(session).await;
+            }
+            return Flow::Stop;
+        }
+        if let (Err(e), Some(successor)) = (&result, self.opts.successor.as_mut()) {
+            // The old process keeps serving; it ends this one.
+            successor.say(&format!("failed {e}")).await;
+            log::error!(error_class = e.class(); "cannot take the tunnel over from the previous binary: {e}");
+            return Flow::Stop;
         }
         match result {
             Ok(session) => {
@@ -279,10 +298,14 @@ impl Supervisor {
 
     async fn on_control(&mut self, c: Option<Control>) -> Flow {
         match c {
-            Some(Control::Reload) => {
-                self.reload().await;
-                Flow::Continue
-            }
+            Some(Control::Reload) => match crate::handover::replaced_binary() {
+                // A package upgrade replaced the binary: hand the tunnel to it (upgrade.rs).
+                Some(binary) => self.hand_over(binary).await,
+                None => {
+                    self.reload().await;
+                    Flow::Continue
+                }
+            },
             Some(Control::Shutdown) | None => {
                 self.shutdown().await;
                 Flow::Stop
@@ -332,12 +355,16 @@ impl Supervisor {
         self.opts.telemetry.set_endpoints(endpoints(&new));
         self.cfg = new;
         if tunnel_changed {
-            log::info!("tunnel settings changed: opening a new session; open channels of the old one may finish");
+            log::info!(
+                "tunnel settings changed: opening a new session; open channels of the old one finish there (up to {:?}, [forward] drain_timeout)",
+                self.cfg.forward.drain_timeout
+            );
             self.refusals.cancel();
             if let Some(old) = self.session.take() {
                 // The old session gives the listen port back first, so the new one can take it.
                 old.stop_accepting().await;
-                let timeout = self.cfg.forward.shutdown_timeout;
+                // A sync in flight runs for minutes to hours: it is not cut for a reload.
+                let timeout = self.cfg.forward.drain_timeout;
                 tokio::spawn(async move {
                     let cut = old.retire(timeout).await;
                     if cut > 0 {

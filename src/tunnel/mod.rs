@@ -146,12 +146,15 @@ async fn probe(
     }
 }
 
-/// Connect, authenticate and request the forward. Every failure is classified.
-/// `stale`, a lost session's connection, is reset as soon as the new one is answered.
+/// Connect, authenticate and request the forward (unless `forward` is false: a new binary's
+/// process waits for the old one to give the port back, handover.rs). Every failure is
+/// classified. `stale`, a lost session's connection, is reset as soon as the new one is
+/// answered.
 pub async fn establish(
     t: &TunnelConfig,
     fwd: Arc<Forwarder>,
     stale: &mut Stale,
+    forward: bool,
 ) -> Result<Session, TunnelError> {
     let server = t.route();
     let tcp = open_tcp(t).await?;
@@ -215,14 +218,15 @@ pub async fn establish(
             })?;
         let _ = shared.window.set(handle.window_adjuster());
         authenticate(&mut handle, t).await?;
-        let forwarding = request_forward(
-            &handle,
-            &shared,
-            &server,
-            (&t.listen_address, t.listen_port),
-            socket.as_ref(),
-        )
-        .await?;
+        let forwarding = forward
+            && request_forward(
+                &handle,
+                &shared,
+                &server,
+                (&t.listen_address, t.listen_port),
+                socket.as_ref(),
+            )
+            .await?;
         Ok((handle, forwarding))
     };
     let (handle, forwarding) = match tokio::time::timeout(SSH_HANDSHAKE_TIMEOUT, handshake).await {
@@ -345,6 +349,22 @@ impl Session {
     /// active.
     pub fn granted(&mut self) {
         self.refused = None;
+    }
+
+    /// The forward was cancelled for a handover (handover.rs): the port is another
+    /// process's now, and is not cancelled again when this session retires.
+    pub fn released(&mut self) {
+        self.refused = Some(Instant::now());
+    }
+
+    /// Take new channels again (a handover that failed).
+    pub fn resume_accepting(&self) {
+        self.shared.accepting.store(true, Ordering::Release);
+    }
+
+    /// The session's open-channel count, to follow while it retires.
+    pub fn channel_count(&self) -> Arc<crate::count::OpenCount> {
+        self.shared.channels.clone()
     }
 
     /// Resolves when the session is over: closed by the server, dead keepalives, or wedged.

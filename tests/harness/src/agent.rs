@@ -140,8 +140,24 @@ impl Agent {
         Self::start_in(None, toml, args, env)
     }
 
+    /// The agent run from `bin` (a copy of the binary under test, which a test can then
+    /// replace as a package upgrade does).
+    pub fn start_bin(bin: &std::path::Path, toml: &str) -> Agent {
+        Self::start_program(None, &bin.display().to_string(), toml, &[], &[])
+    }
+
     /// The agent inside network namespace `netns`.
     pub fn start_in(netns: Option<&str>, toml: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Self::start_program(netns, &agent_bin(), toml, args, env)
+    }
+
+    fn start_program(
+        netns: Option<&str>,
+        program: &str,
+        toml: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let mut secrets = secrets_in(toml);
         for (k, v) in env {
             secrets.extend(secrets_in(&format!("{k}={v}")));
@@ -170,7 +186,7 @@ impl Agent {
                     .push(String::from_utf8_lossy(&buf[..len]).to_string());
             }
         });
-        let mut cmd = command_in(netns, &agent_bin());
+        let mut cmd = command_in(netns, program);
         cmd.arg("run");
         if !toml.is_empty() {
             cmd.arg("--config").arg(&config);
