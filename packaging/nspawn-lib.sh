@@ -17,6 +17,15 @@ ok() { echo "ok: $*"; passed=$((passed + 1)); }
 ROOTFS_CACHE=${SECODA_ROOTFS_CACHE:-/var/cache/secoda-agent-test}
 UBUNTU_SUITES="focal jammy noble"
 rootfs() {
+    mkdir -p "$ROOTFS_CACHE"
+    # One debootstrap per root filesystem at a time (prefetch_rootfs runs some in the
+    # background while the caller may ask for the same one).
+    (
+        flock 9
+        make_rootfs "$@"
+    ) 9>"$ROOTFS_CACHE/.lock-$1-$2${4:+-$4}"
+}
+make_rootfs() {
     local dir=$ROOTFS_CACHE/$1-$2${4:+-$4} stamp="$1 $2 $3"
     local source=(http://deb.debian.org/debian) options=()
     if [ "$(cat "$dir/.complete" 2>/dev/null)" != "$stamp" ]; then
@@ -38,10 +47,25 @@ rootfs() {
     fi
     echo "$dir"
 }
+# prefetch_rootfs "RELEASE ARCH INCLUDE [TAG]"...: make those root filesystems in the
+# background (a fresh machine debootstraps each once; the packages build meanwhile).
+prefetch_rootfs() {
+    local spec
+    for spec in "$@"; do
+        # shellcheck disable=SC2086
+        (set -f; rootfs $spec >/dev/null 2>&1 || true) &
+    done
+}
 # ubuntu_keyring: the path of Ubuntu's archive keyring, from Debian 13's ubuntu-keyring package
 # (bookworm has none). The package is found in Debian 13's Packages list, which debootstrap
 # verified, and checked against the checksum there.
 ubuntu_keyring() {
+    (
+        flock 8
+        make_ubuntu_keyring
+    ) 8>"$ROOTFS_CACHE/.lock-ubuntu-keyring"
+}
+make_ubuntu_keyring() {
     local keyring=$ROOTFS_CACHE/ubuntu-archive-keyring.gpg trixie list entry sum
     if [ ! -s "$keyring" ]; then
         trixie=$(rootfs trixie amd64 "$TRIXIE_PACKAGES")
@@ -75,6 +99,8 @@ BOOKWORM_PACKAGES=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates,rpm,a
 # tests run its sshd (OpenSSH 10) as a second server (tests/openssh10-root.sh).
 CORE_PACKAGES=systemd,systemd-sysv,dbus,busybox,man-db,ca-certificates
 TRIXIE_PACKAGES=$CORE_PACKAGES,openssh-server
+# A cloud VM's image for the cloud-init example (test-repo.sh): cloud-init, and what it uses.
+CLOUD_INIT_PACKAGES=$BOOKWORM_PACKAGES,cloud-init,gnupg,locales
 
 nspawn_pid=""
 agent_pid=""

@@ -29,6 +29,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The booted systems' root filesystems, debootstrapped (on a fresh machine) while the packages
+# build; rootfs() waits for one still being made.
+prefetch_rootfs "bookworm amd64 $BOOKWORM_PACKAGES" "bullseye amd64 $CORE_PACKAGES" \
+    "trixie amd64 $TRIXIE_PACKAGES" "noble amd64 $CORE_PACKAGES" "jammy amd64 $CORE_PACKAGES" \
+    "focal amd64 $CORE_PACKAGES"
 if [ "${SECODA_SKIP_BUILD:-}" != 1 ]; then
     step "build"
     packaging/build.sh
@@ -159,17 +164,53 @@ took=$(( $(date +%s) - started ))
 [ "$took" -le 20 ] || fail "apt-get install --reinstall took ${took}s while the server is down"
 ok "server down: start finishes (active, STATUS reconnecting, status exit 3, no restart loop); an upgrade returns in ${took}s"
 
+# Down, the agent served nothing: the new binary took its place, same PID.
+[ "$(inside systemctl show -p MainPID --value secoda-agent)" = "$first_pid" ] || fail "the main process changed on an upgrade while down: $(unit_status)"
+[ "$(inside readlink "/proc/$first_pid/exe")" = /usr/bin/secoda-agent ] || fail "the agent runs $(inside readlink "/proc/$first_pid/exe") after the upgrade"
 start_test_sshd "$work"
-wait_restarted "$first_pid"
+for _ in $(seq 1 150); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$listen_port") 2>/dev/null && break
+    sleep 0.2
+done
 (exec 3<>"/dev/tcp/127.0.0.1/$listen_port") 2>/dev/null || fail "active but the listen port is not open"
 check_connected
 ok "active once the tunnel is up, STATUS connected, curl through the tunnel reaches the service inside"
 
 inside journalctl -u secoda-agent TUNNEL_HOST=127.0.0.1 LISTEN_PORT="$listen_port" --no-pager -q | grep "tunnel up" >/dev/null \
     || fail "no structured 'tunnel up' entry"
-inside journalctl -u secoda-agent TARGET="localhost:$web_port" -o verbose --no-pager -q | grep "BYTES_FROM_TARGET=" >/dev/null \
+inside journalctl -u secoda-agent CHANNEL_TARGET="localhost:$web_port" -o verbose --no-pager -q | grep "BYTES_FROM_TARGET=" >/dev/null \
     || fail "no structured channel entry"
 ok "journal has the structured fields"
+
+step "Debian 12: the audit trail in the journal (docs/audit.md)"
+since=$(inside date '+%Y-%m-%d %H:%M:%S')
+sleep 1
+fetch_through "$listen_port" "an audited request"
+curl -sS --max-time 5 --socks5-hostname "127.0.0.1:$listen_port" "http://127.0.0.1:$(free_port)/" >/dev/null 2>&1 || true
+curl -sS --max-time 5 --socks5-hostname "127.0.0.1:$listen_port" "http://169.254.169.254/" >/dev/null 2>&1 || true
+sleep 2
+inside journalctl -u secoda-agent MESSAGE_ID=d5a50c4f02b24110ab2d6264ab54dbdd --since "$since" -o json --no-pager > "$work/audit-end.json"
+inside journalctl -u secoda-agent MESSAGE_ID=1f7a8e5dc5b44f8791c5a552ab2494d2 --since "$since" -o json --no-pager > "$work/audit-open.json"
+python3 - "$work/audit-end.json" "$work/audit-open.json" <<'PY' || fail "audit events: $(cat "$work/audit-end.json")"
+import json, sys
+ends = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+opens = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+fields = ["AUDIT_SCHEMA", "AUDIT_EVENT", "CHANNEL_ID", "ORIGINATOR", "SOCKS_VERSION", "REQUESTED_HOST",
+          "REQUESTED_PORT", "CONNECTED_ADDRESS", "DECISION", "RULE", "OUTCOME", "END_REASON",
+          "BYTES_TO_TARGET", "BYTES_FROM_TARGET", "DURATION_S"]
+outcomes = sorted(e["OUTCOME"] for e in ends)
+assert outcomes == ["denied", "ok", "refused"], outcomes
+for e in ends:
+    missing = [f for f in fields if f not in e]
+    assert not missing, (missing, e)
+    assert e["AUDIT_SCHEMA"] == "1" and e["AUDIT_EVENT"] == "request.end", e
+ok = [e for e in ends if e["OUTCOME"] == "ok"][0]
+assert int(ok["BYTES_FROM_TARGET"]) > 0 and ok["DECISION"] == "allow", ok
+assert [o["CHANNEL_ID"] for o in opens] == [ok["CHANNEL_ID"]], (opens, ok)
+denied = [e for e in ends if e["OUTCOME"] == "denied"][0]
+assert denied["RULE"] == "metadata default" and denied["REQUESTED_HOST"] == "169.254.169.254", denied
+PY
+ok "audit: journalctl MESSAGE_ID=... returns one end event per request (ok, refused, denied by the metadata default) with every field, and the accepted one's open event shares its CHANNEL_ID"
 
 step "Debian 12: reload"
 check_reload

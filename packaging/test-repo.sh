@@ -28,6 +28,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The cloud-init step's root filesystem, debootstrapped (on a fresh machine) meanwhile.
+prefetch_rootfs "bookworm amd64 $CLOUD_INIT_PACKAGES cloud-init"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 next=$(echo "$version" | awk -F. '{ printf "%d.%d.%d", $1, $2, $3 + 1 }')
 deb=target/packages/secoda-agent_${version}-1_amd64.deb
@@ -224,7 +226,8 @@ text = text.replace("listen_port = LISTEN_PORT", "listen_port = LISTEN_PORT\n   
                     "      host_keys = [\"%s\"]" % host_key)
 open(out, "w").write(text)
 PY
-ROOT=$(fresh_root cloudinit bookworm amd64 "$BOOKWORM_PACKAGES,cloud-init" cloud-init)
+# What a cloud image has and cloud-init uses: gpg (the repository key), locales.
+ROOT=$(fresh_root cloudinit bookworm amd64 "$CLOUD_INIT_PACKAGES" cloud-init)
 listen_port=$(free_port)
 sed -i "s/LISTEN_PORT/$listen_port/" "$work/user-data"
 mkdir -p "$ROOT/var/lib/cloud/seed/nocloud"

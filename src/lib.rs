@@ -6,6 +6,7 @@
 pub mod accept;
 pub mod agent;
 pub mod algorithms;
+pub mod audit;
 pub mod backoff;
 pub mod channel;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod handover;
+pub mod limits;
 pub mod logging;
 pub mod lookup;
 pub mod metrics;

@@ -43,6 +43,18 @@ pub enum Denial {
     Own(SocketAddr),
 }
 
+impl Denial {
+    /// The rule that denied, as the audit trail names it.
+    pub fn rule(&self) -> String {
+        match self {
+            Denial::DeniedBy(rule) => format!("deny entry \"{rule}\""),
+            Denial::NotAllowed => "not in [forward] allow".to_string(),
+            Denial::Protected => "metadata default".to_string(),
+            Denial::Own(_) => "own listener".to_string(),
+        }
+    }
+}
+
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -115,6 +127,11 @@ impl Policy {
     /// reach that IPv4 host, so both are judged: a deny or protection of either refuses, an
     /// allow of either admits.
     pub fn check(&self, name: Option<&str>, ip: IpAddr, port: u16) -> Result<(), Denial> {
+        self.decide(name, ip, port).map(|_| ())
+    }
+
+    /// As [`Policy::check`], naming the rule that allowed it (for the audit trail).
+    pub fn decide(&self, name: Option<&str>, ip: IpAddr, port: u16) -> Result<String, Denial> {
         // 0.0.0.0 and :: connect to this host: judge them as the loopback address they reach.
         let ip = match ip.to_canonical() {
             IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -147,15 +164,14 @@ impl Policy {
                 return Err(Denial::Protected);
             }
         }
-        if self.allow.is_empty()
-            || forms
-                .iter()
-                .any(|&ip| self.allow.iter().any(|r| hit(r, ip)))
-        {
-            Ok(())
-        } else {
-            Err(Denial::NotAllowed)
+        if self.allow.is_empty() {
+            return Ok("no [forward] allow list: everything not denied".to_string());
         }
+        forms
+            .iter()
+            .find_map(|&ip| self.allow.iter().find(|r| hit(r, ip)))
+            .map(|r| format!("allow entry \"{}\"", r.text))
+            .ok_or(Denial::NotAllowed)
     }
 }
 

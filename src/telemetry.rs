@@ -108,6 +108,12 @@ pub struct ChannelSnapshot {
     pub bytes_from_target: u64,
 }
 
+/// Which per-target limit refused a request, for `limited_total{reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 /// Why a channel ended before or at its start, for `channels_opened_total{outcome}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -174,6 +180,7 @@ pub struct Metrics {
     /// Bytes sent towards the server that it has not yet passed on (session/flight.rs).
     pub in_flight_bytes: Gauge,
     opened: Family<OutcomeLabels, Counter>,
+    limited: Family<ReasonLabels, Counter>,
     pub bytes_to_target: Counter,
     pub bytes_from_target: Counter,
     pub socks_handshake: Histogram,
@@ -195,6 +202,7 @@ impl Metrics {
         let spill_limit_bytes = Gauge::default();
         let in_flight_bytes = Gauge::default();
         let opened = Family::<OutcomeLabels, Counter>::default();
+        let limited = Family::<ReasonLabels, Counter>::default();
         let bytes = Family::<DirectionLabels, Counter>::default();
         // 100 us .. ~6.5 s: a SOCKS request arrives in well under a millisecond on a healthy
         // tunnel; a target connect is a LAN round trip or a timeout.
@@ -261,6 +269,11 @@ impl Metrics {
             opened.clone(),
         );
         registry.register(
+            "limited",
+            "Requests refused by a per-target limit, by the limit ([forward] max_connections_per_target, connect_rate_per_target)",
+            limited.clone(),
+        );
+        registry.register(
             "bytes",
             "Bytes moved through channels, by direction (to_target: from Secoda to the target)",
             bytes.clone(),
@@ -299,11 +312,16 @@ impl Metrics {
             spill_limit_bytes,
             in_flight_bytes,
             opened,
+            limited,
             bytes_to_target,
             bytes_from_target,
             socks_handshake,
             target_connect,
         }
+    }
+
+    pub fn limited(&self, reason: &'static str) {
+        self.limited.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn channel_outcome(&self, outcome: &'static str) {

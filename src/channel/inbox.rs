@@ -450,6 +450,8 @@ mod tests {
         ForwardConfig {
             connect_timeout: Duration::from_secs(1),
             max_connections: 1,
+            max_connections_per_target: 0,
+            connect_rate_per_target: 0,
             max_pending,
             max_spill,
             stall_timeout: Duration::from_secs(60),

@@ -21,10 +21,12 @@ use russh::ChannelWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::audit;
 use crate::config::ForwardConfig;
 use crate::connect;
 use crate::constants::{CHANNEL_CLOSE_WAIT, CONNECT_STAGGER, SOCKS_HANDSHAKE_TIMEOUT};
 use crate::count::OpenGuard;
+use crate::limits::{LimitHit, Permit, TargetLimits};
 use crate::lookup;
 use crate::session::SessionShared;
 use crate::socks::{self, Host, Reply, Request};
@@ -39,6 +41,8 @@ pub struct Forwarder {
     /// The agent's own TCP listeners as bound (`[metrics] listen` at start): never a target,
     /// whatever a reload's `[metrics]` says (it moves the endpoint only at restart).
     own_listeners: Vec<SocketAddr>,
+    /// Open channels and connection rates per target, across sessions and reloads.
+    pub limits: Arc<TargetLimits>,
     pub telemetry: Arc<Telemetry>,
 }
 
@@ -53,6 +57,7 @@ impl Forwarder {
         Forwarder {
             settings: watch::Sender::new(Arc::new(settings)),
             own_listeners,
+            limits: Arc::new(TargetLimits::default()),
             telemetry,
         }
     }
@@ -139,6 +144,8 @@ async fn serve(
     let mut writer = channel.make_writer();
     let started = Instant::now();
     let over_limit = fwd.telemetry.active.get() > settings.max_connections;
+    // Exactly one end event per request, whatever path it leaves by (audit.rs).
+    let mut audit = audit::Request::new(&origin.originator);
 
     let request = {
         let mut stream = Duplex {
@@ -156,71 +163,78 @@ async fn serve(
             Ok(Err(e)) => {
                 metrics.channel_outcome("socks_error");
                 log::info!(originator = origin.originator.as_str(), error_class = "socks"; "channel from {} closed: {e}", origin.originator);
+                audit.end("socks_error", "bad_request");
                 return refuse(&channel, &mut input, guard).await;
             }
             Err(_) => {
                 metrics.channel_outcome("socks_timeout");
                 log::info!(originator = origin.originator.as_str(), error_class = "socks_timeout"; "channel from {} closed: no complete SOCKS request within {SOCKS_HANDSHAKE_TIMEOUT:?}", origin.originator);
+                audit.end("socks_error", "timeout");
                 return refuse(&channel, &mut input, guard).await;
             }
         }
     };
     let target = format!("{}:{}", request.host, request.port);
+    let version = match (request.version, &request.host) {
+        (socks::Version::V5, _) => "5",
+        (socks::Version::V4, Host::Name(_)) => "4a",
+        (socks::Version::V4, Host::Ip(_)) => "4",
+    };
+    audit.asked(version, request.host.to_string(), request.port);
 
     let connecting = Instant::now();
     let connected = if over_limit {
-        Err((
-            Reply::GeneralFailure,
-            format!(
+        audit.decided(false, "limit: [forward] max_connections".to_string());
+        Err(Refusal {
+            reply: Reply::GeneralFailure,
+            why: format!(
                 "refused: {} channels are open, [forward] max_connections is {}",
                 fwd.telemetry.active.get() - 1,
                 settings.max_connections
             ),
-        ))
+            class: "over_limit",
+        })
     } else {
-        connect_target(&request, &settings).await
+        connect_target(&request, &settings, &fwd, &mut audit).await
     };
-    let stream = match connected {
+    let (stream, _permit) = match connected {
         Ok(s) => {
             metrics
                 .target_connect
                 .observe(connecting.elapsed().as_secs_f64());
             s
         }
-        Err((reply, why)) => {
-            let class = if over_limit {
-                "over_limit"
-            } else {
-                reply_class(reply)
-            };
+        Err(Refusal { reply, why, class }) => {
             metrics.channel_outcome(class);
-            log::warn!(target_addr = target.as_str(), target = target.as_str(), error_class = class; "connection to {target} failed: {why}");
+            log::warn!(channel_target = target.as_str(), error_class = class; "connection to {target} failed: {why}");
             let _ = socks::write_reply(&mut writer, request.version, reply, None).await;
+            audit.end(audit_outcome(class), "not_opened");
             return refuse(&channel, &mut input, guard).await;
         }
     };
     let bound = stream.local_addr().ok();
+    let peer = stream.peer_addr().ok();
     if socks::write_reply(&mut writer, request.version, Reply::Succeeded, bound)
         .await
         .is_err()
     {
         drop(stream);
+        audit.end("failed", "client_closed");
         return refuse(&channel, &mut input, guard).await;
     }
-    log::debug!(target = target.as_str(); "channel open to {target}");
+    log::debug!(channel_target = target.as_str(); "channel open to {target}");
     metrics.channel_outcome("ok");
 
     let counts = fwd
         .telemetry
         .open_channel(target.clone(), origin.originator.clone());
+    audit.opened(peer, counts.clone());
     let cut = input.cut.clone();
     let name = match &request.host {
         Host::Name(n) => Some(n.clone()),
         Host::Ip(_) => None,
     };
-    let peer = stream
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), request.port));
+    let peer = peer.unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), request.port));
     let end = tokio::select! {
         end = splice(&mut input, stream, &channel, &mut writer, &origin.session, &counts, settings.stall_timeout) => end,
         _ = cut.notified() => End::Overflow(input.pending.load(Ordering::Acquire)),
@@ -228,7 +242,7 @@ async fn serve(
     };
     let spilled = input.spilled_total;
     // A normal end means both sides sent EOF: the server closes the channel.
-    if matches!(end, End::Normal) {
+    if matches!(end, End::Normal { .. }) {
         close_after_server(&channel, &mut input).await;
     } else {
         let _ = channel.close().await;
@@ -237,28 +251,59 @@ async fn serve(
     let secs = started.elapsed().as_secs_f64();
     let up = counts.to_target.load(Ordering::Relaxed);
     let down = counts.from_target.load(Ordering::Relaxed);
-    drop(counts);
     let on_disk = if spilled > 0 {
         format!("; {spilled} bytes waited for the target in a spill file")
     } else {
         String::new()
     };
+    let reason = match &end {
+        End::Normal { client_first: true } => "client_closed",
+        End::Normal {
+            client_first: false,
+        } => "target_closed",
+        End::Overflow(_) => "overflow",
+        End::Stalled(_) => "stalled",
+        End::Revoked(_) => "policy_revoked",
+        End::Error(_) => "error",
+    };
     match end {
-        End::Normal => log::info!(
-            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, bytes_spilled = spilled;
+        End::Normal { .. } => log::info!(
+            channel_target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, bytes_spilled = spilled;
             "channel to {target} closed after {secs:.1}s: {up} bytes to target, {down} bytes from target{on_disk}"),
         End::Overflow(pending) => log::warn!(
-            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "overflow";
+            channel_target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "overflow";
             "channel to {target} cut: the target fell {pending} bytes behind in memory with its spill file full ([forward] max_pending is {}, max_spill {}); other channels are unaffected", settings.max_pending, settings.max_spill),
         End::Stalled(backlog) => log::warn!(
-            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "stalled";
+            channel_target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "stalled";
             "channel to {target} cut: the target took no data for {:?} ([forward] stall_timeout); {backlog} bytes for it were dropped ({up} bytes reached it)", settings.stall_timeout),
         End::Revoked(why) => log::warn!(
-            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "policy_revoked";
+            channel_target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "policy_revoked";
             "channel to {target} cut after {secs:.1}s: the reloaded [forward] policy denies it: {why} ({up} bytes to target, {down} bytes from target)"),
         End::Error(e) => log::info!(
-            target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "io";
+            channel_target = target.as_str(), bytes_to_target = up, bytes_from_target = down, duration_s = secs, error_class = "io";
             "channel to {target} ended after {secs:.1}s: {e} ({up} bytes to target, {down} bytes from target)"),
+    }
+    audit.end("ok", reason);
+    drop(counts);
+}
+
+/// A request the agent did not open a channel for: the SOCKS reply, why (for the log) and
+/// the `channels_opened_total` outcome.
+struct Refusal {
+    reply: Reply,
+    why: String,
+    class: &'static str,
+}
+
+/// The audit trail's outcome for a channel outcome (the metric's label).
+fn audit_outcome(class: &str) -> &'static str {
+    match class {
+        "denied" => "denied",
+        "refused" => "refused",
+        "timeout" => "timeout",
+        "host_unreachable" | "network_unreachable" => "unreachable",
+        "over_limit" => "over_limit",
+        _ => "failed",
     }
 }
 
@@ -298,19 +343,28 @@ fn reply_class(r: Reply) -> &'static str {
     }
 }
 
-/// Resolve (on this host, with the system resolver), apply the policy to each address, and
-/// connect to the first that answers, all within `connect_timeout`.
+/// Resolve (on this host, with the system resolver), apply the policy to each address and the
+/// target's limits (limits.rs), and connect to the first that answers, all within
+/// `connect_timeout`. The decision and its rule go to the audit record.
 async fn connect_target(
     req: &Request,
     settings: &ForwardConfig,
-) -> Result<TcpStream, (Reply, String)> {
+    fwd: &Arc<Forwarder>,
+    audit: &mut audit::Request,
+) -> Result<(TcpStream, Permit), Refusal> {
+    let deadline = tokio::time::Instant::now() + settings.connect_timeout;
+    let refusal = |reply: Reply, why: String| Refusal {
+        reply,
+        why,
+        class: reply_class(reply),
+    };
     let attempt = async {
         let (name, addrs): (Option<&str>, Vec<SocketAddr>) = match &req.host {
             Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, req.port)]),
             Host::Name(n) => {
                 // The caller's connect_timeout bounds the wait for the lookup too.
                 let addrs = lookup::resolve_target(n, req.port).await.map_err(|e| {
-                    (
+                    refusal(
                         Reply::HostUnreachable,
                         format!("name {n} not resolved: {e}"),
                     )
@@ -320,23 +374,55 @@ async fn connect_target(
         };
         // The policy decides on each address; the allowed ones race (see connect.rs).
         let mut denied = None;
+        let mut allowed_by = None;
         let allowed: Vec<SocketAddr> = addrs
             .into_iter()
             .filter(
-                |addr| match settings.policy.check(name, addr.ip(), addr.port()) {
-                    Ok(()) => true,
+                |addr| match settings.policy.decide(name, addr.ip(), addr.port()) {
+                    Ok(rule) => {
+                        allowed_by.get_or_insert(rule);
+                        true
+                    }
                     Err(denial) => {
-                        denied = Some((Reply::NotAllowed, format!("{addr} {denial}")));
+                        denied = Some((denial.rule(), format!("{addr} {denial}")));
                         false
                     }
                 },
             )
             .collect();
-        if allowed.is_empty() {
-            return Err(denied.unwrap_or((
-                Reply::HostUnreachable,
-                "the name has no addresses".to_string(),
-            )));
+        let Some(&first) = allowed.first() else {
+            return Err(match denied {
+                Some((rule, why)) => {
+                    audit.decided(false, rule);
+                    refusal(Reply::NotAllowed, why)
+                }
+                None => refusal(
+                    Reply::HostUnreachable,
+                    "the name has no addresses".to_string(),
+                ),
+            });
+        };
+        audit.decided(true, allowed_by.unwrap_or_default());
+        // Limits per target: the first address the policy allows, as the target.
+        let limited = |hit: LimitHit, audit: &mut audit::Request| {
+            fwd.telemetry.metrics.limited(hit.reason());
+            audit.decided(false, format!("limit: [forward] {}", hit.reason()));
+            Refusal {
+                reply: Reply::NotAllowed,
+                why: format!("{first}: {hit}"),
+                class: "over_limit",
+            }
+        };
+        let permit = match fwd.limits.open(first, settings.max_connections_per_target) {
+            Ok(p) => p,
+            Err(hit) => return Err(limited(hit, audit)),
+        };
+        if let Err(hit) = fwd
+            .limits
+            .pace(first, settings.connect_rate_per_target, deadline)
+            .await
+        {
+            return Err(limited(hit, audit));
         }
         match connect::first_of(&allowed, CONNECT_STAGGER).await {
             Ok((s, _)) => {
@@ -346,17 +432,17 @@ async fn connect_target(
                 if let Err(e) = connect::keep_alive(&s, settings.target_keepalive) {
                     log::debug!("target keepalive not set: {e}");
                 }
-                Ok(s)
+                Ok((s, permit))
             }
             Err(errors) => Err(errors.last().map_or(
-                (Reply::GeneralFailure, "no address answered".to_string()),
-                |(addr, e)| (io_reply(e), format!("{addr}: {e}")),
+                refusal(Reply::GeneralFailure, "no address answered".to_string()),
+                |(addr, e)| refusal(io_reply(e), format!("{addr}: {e}")),
             )),
         }
     };
-    match tokio::time::timeout(settings.connect_timeout, attempt).await {
+    match tokio::time::timeout_at(deadline, attempt).await {
         Ok(r) => r,
-        Err(_) => Err((
+        Err(_) => Err(refusal(
             Reply::TtlExpired,
             format!(
                 "timed out after {:?} ([forward] connect_timeout)",

@@ -23,7 +23,10 @@ use crate::session::SessionShared;
 use crate::telemetry::ChannelStat;
 
 pub(super) enum End {
-    Normal,
+    /// Both sides ended; `client_first`: Secoda's side sent its EOF before the target did.
+    Normal {
+        client_first: bool,
+    },
     Overflow(u64),
     /// The target took nothing for `stall_timeout`; the bytes that were waiting for it.
     Stalled(u64),
@@ -79,6 +82,8 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
 ) -> End {
     let (mut tr, mut tw) = target.into_split();
     let server_eof = AtomicBool::new(false);
+    // Set when the target ended first (its EOF before Secoda's side's).
+    let target_first = AtomicBool::new(false);
     let backlog = &session.backlog;
     let acks = input.acks.clone();
     let mut flight = Flight::new(&acks, &session.flight);
@@ -137,7 +142,10 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
                 };
                 let mut buf = BytesMut::with_capacity(small);
                 let first = match read_now(&mut tr, &mut buf, small) {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        target_first.store(!server_eof.load(Ordering::Relaxed), Ordering::Relaxed);
+                        break;
+                    }
                     Ok(n) => n,
                     // Either the socket was drained after all, or the task's cooperative
                     // budget ran out: tokio's `readable()` does not count against the budget
@@ -206,7 +214,9 @@ pub(super) async fn splice<C: ChannelOutput, W: AsyncWrite + Unpin>(
     match end {
         Some(e) if e.get_ref().is_some_and(|i| i.is::<Stalled>()) => End::Stalled(input.backlog()),
         Some(e) => End::Error(e),
-        None => End::Normal,
+        None => End::Normal {
+            client_first: !target_first.load(Ordering::Relaxed),
+        },
     }
 }
 
@@ -289,6 +299,8 @@ mod tests {
         ForwardConfig {
             connect_timeout: Duration::from_secs(1),
             max_connections: 1,
+            max_connections_per_target: 0,
+            connect_rate_per_target: 0,
             max_pending: 1 << 20,
             max_spill: 0,
             stall_timeout: Duration::from_secs(60),
@@ -388,7 +400,7 @@ mod tests {
             .await
             .expect("a direction never ended: an EOF was not passed on");
         assert!(
-            matches!(end, End::Normal),
+            matches!(end, End::Normal { .. }),
             "the splice did not end normally"
         );
         assert_eq!(got, from_server);
@@ -497,7 +509,7 @@ mod tests {
         );
         let got_all = *output.got.lock().unwrap() == from_target;
         (
-            matches!(end, End::Normal),
+            matches!(end, End::Normal { .. }),
             got_all,
             session.backlog.free_turns(),
         )

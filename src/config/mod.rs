@@ -122,6 +122,10 @@ impl TunnelConfig {
 pub struct ForwardConfig {
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    /// Channels open at once to one target (address and port connected); 0: no bound.
+    pub max_connections_per_target: usize,
+    /// New connections per second to one target; 0: no bound (limits.rs).
+    pub connect_rate_per_target: u32,
     pub max_pending: u64,
     /// A slow target's backlog beyond `max_pending`, on disk; 0: none.
     pub max_spill: u64,
@@ -260,6 +264,30 @@ fn forward(l: &Layers, errors: &mut Vec<String>) -> ForwardConfig {
             DEFAULT_MAX_CONNECTIONS
         }
     };
+    let per_target = |key: &str, value: Option<i64>, max: i64, errors: &mut Vec<String>| match value
+    {
+        None => 0,
+        Some(n) if (0..=max).contains(&n) => n,
+        Some(n) => {
+            errors.push(format!(
+                "{}: {n} is out of range (0 for no limit, to {max})",
+                toml_at("forward", key)
+            ));
+            0
+        }
+    };
+    let max_connections_per_target = per_target(
+        "max_connections_per_target",
+        f.max_connections_per_target,
+        1_000_000,
+        errors,
+    ) as usize;
+    let connect_rate_per_target = per_target(
+        "connect_rate_per_target",
+        f.connect_rate_per_target,
+        100_000,
+        errors,
+    ) as u32;
     let max_pending = match &f.max_pending {
         None => DEFAULT_MAX_PENDING,
         Some(s) => match parse_size(s) {
@@ -328,6 +356,8 @@ fn forward(l: &Layers, errors: &mut Vec<String>) -> ForwardConfig {
     ForwardConfig {
         connect_timeout,
         max_connections,
+        max_connections_per_target,
+        connect_rate_per_target,
         max_pending,
         max_spill,
         stall_timeout,

@@ -51,6 +51,8 @@ pub(super) struct RawTunnel {
 pub(super) struct RawForward {
     pub(super) connect_timeout: Option<String>,
     pub(super) max_connections: Option<i64>,
+    pub(super) max_connections_per_target: Option<i64>,
+    pub(super) connect_rate_per_target: Option<i64>,
     pub(super) max_pending: Option<String>,
     pub(super) max_spill: Option<String>,
     pub(super) stall_timeout: Option<String>,
