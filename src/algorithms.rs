@@ -33,6 +33,16 @@ pub struct Negotiated {
 }
 
 impl Negotiated {
+    /// What russh's key exchange settled (`Handler::kex_done`).
+    pub fn of(names: &russh::Names, session: &russh::client::Session) -> Self {
+        Self::new(
+            names.kex.as_ref(),
+            names.cipher.as_ref(),
+            names.key.as_str(),
+            session.remote_sshid(),
+        )
+    }
+
     pub fn new(kex: &str, cipher: &str, host_key: &str, server_version: &[u8]) -> Self {
         // The version line is the server's to choose: keep it printable and short.
         let server_version: String = String::from_utf8_lossy(server_version)

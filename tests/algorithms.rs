@@ -27,16 +27,6 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-async fn metrics(mport: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", mport))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test]
 async fn the_negotiated_algorithms_are_shown_as_the_server_logged_them() {
     let sshd = Sshd::start_with("LogLevel DEBUG\n");
@@ -91,7 +81,7 @@ async fn the_negotiated_algorithms_are_shown_as_the_server_logged_them() {
                 .contains("chacha20")
     );
 
-    let m = metrics(mport).await;
+    let m = metrics_text(mport).await;
     let info = m
         .lines()
         .find(|l| l.starts_with("secoda_agent_session_info{"))

@@ -24,16 +24,6 @@ fn ends(agent: &Agent) -> Vec<(u64, String, String)> {
         .collect()
 }
 
-async fn metrics(mport: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", mport))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test]
 async fn every_request_ends_in_exactly_one_audit_event_with_its_rule() {
     let sshd = Sshd::start();
@@ -160,12 +150,21 @@ async fn a_per_target_limit_refuses_beyond_it_promptly_and_others_are_unaffected
         others.push(s.unwrap());
     }
     drop(others);
+    // Their channels end a moment later (the close travels through the server).
+    let to_other = format!("127.0.0.1:{other}");
+    assert!(
+        agent
+            .wait_channels(Duration::from_secs(10), |c| c
+                .iter()
+                .all(|ch| ch["target"] != to_other.as_str()))
+            .await
+    );
     for _ in 0..20 {
         let (code, s) = socks5(listen, "127.0.0.1", other).await;
         assert_eq!(code, 0, "{}", tail(&agent.output(), 5));
         assert!(echo_roundtrip(s.unwrap(), b"other").await);
     }
-    let m = metrics(mport).await;
+    let m = metrics_text(mport).await;
     assert!(
         m.contains("secoda_agent_limited_total{reason=\"max_connections_per_target\"} 45"),
         "{m}"

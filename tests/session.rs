@@ -312,31 +312,6 @@ async fn the_tunnel_comes_back_after_sshd_is_killed_and_restarted() {
     assert_serves(listen).await;
 }
 
-/// The metrics endpoint's text.
-async fn metrics_text(mport: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", mport))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// `secoda_agent_standby` and `secoda_agent_tunnel_up` from a metrics endpoint.
-async fn standby_and_up(mport: u16) -> (f64, f64) {
-    let body = metrics_text(mport).await;
-    let get = |name: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name}:\n{body}"))
-    };
-    (get("secoda_agent_standby"), get("secoda_agent_tunnel_up"))
-}
-
 /// A port held by another session (here OpenSSH's client, as a previous session or a forgotten
 /// Docker container would hold it) on a host that is not one of a pair: an error at every
 /// attempt, down in status and the metrics, never a quiet standby. The session is kept, and
@@ -346,18 +321,7 @@ async fn a_held_listen_port_is_an_error_until_free_without_pair() {
     let sshd = Sshd::start();
     let listen = free_port();
     let mport = free_port();
-    let mut holder = sshd
-        .openssh_forward(listen, &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
-        })
-        .await
-    );
+    let mut holder = sshd.hold_port(listen).await;
 
     let agent = Agent::start(&sshd.agent_toml(
         listen,
@@ -431,18 +395,7 @@ async fn a_held_listen_port_is_an_error_until_free_without_pair() {
 async fn a_held_listen_port_is_stood_by_until_free_in_a_pair() {
     let sshd = Sshd::start();
     let listen = free_port();
-    let mut holder = sshd
-        .openssh_forward(listen, &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
-        })
-        .await
-    );
+    let mut holder = sshd.hold_port(listen).await;
 
     let agent = Agent::start(&sshd.agent_toml(listen, "standby_retry = \"1s\"\npair = true\n"));
     assert!(

@@ -12,25 +12,6 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// `secoda_agent_standby` and `secoda_agent_tunnel_up` from a metrics endpoint.
-async fn standby_and_up(mport: u16) -> (f64, f64) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", mport))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    let get = |name: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name}:\n{body}"))
-    };
-    (get("secoda_agent_standby"), get("secoda_agent_tunnel_up"))
-}
-
 /// Lines the agent logged at warning or error level.
 fn complaints(agent: &Agent) -> Vec<String> {
     agent

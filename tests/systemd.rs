@@ -161,13 +161,15 @@ async fn the_watchdog_is_pinged_at_half_its_interval() {
 async fn reload_applies_forward_settings_without_touching_open_channels() {
     let (sshd, agent, listen) = tunnel_up("").await;
     let echo = echo_server().await;
+    let other = echo_server().await;
     let transfer = slow_transfer(listen, echo.port(), 20, Duration::from_millis(50));
     agent.wait_transfer().await;
 
-    // Deny the echo service's port from now on.
+    // Deny another service's port from now on (a channel to a target the new policy denies
+    // is ended: tests/targets.rs).
     let toml = sshd.agent_toml(
         listen,
-        &format!("[forward]\ndeny = [\"127.0.0.1:{}\"]\n", echo.port()),
+        &format!("[forward]\ndeny = [\"127.0.0.1:{}\"]\n", other.port()),
     );
     std::fs::write(agent.config_path(), toml).unwrap();
     let seen = agent.notifications().len();
@@ -184,10 +186,11 @@ async fn reload_applies_forward_settings_without_touching_open_channels() {
         "the transfer in flight was cut by a reload"
     );
     assert_eq!(
-        socks5(listen, "127.0.0.1", echo.port()).await.0,
+        socks5(listen, "127.0.0.1", other.port()).await.0,
         2,
         "new policy not applied"
     );
+    assert_eq!(socks5(listen, "127.0.0.1", echo.port()).await.0, 0);
     assert!(!agent.output().contains("tunnel lost"));
 }
 
@@ -458,10 +461,16 @@ async fn journald_entries_carry_structured_fields() {
     assert_eq!(field(&up, "PRIORITY"), ["5"]);
     assert_eq!(field(&up, "SYSLOG_IDENTIFIER"), ["secoda-agent"]);
     let closed = get(&entries, "closed after").expect("no channel close entry");
+    // One value per field: journald's TARGET is the logging module, the channel's target
+    // has a field of its own.
+    assert_eq!(
+        field(&closed, "TARGET"),
+        ["secoda_agent::channel"],
+        "{closed:?}"
+    );
+    let target = field(&closed, "CHANNEL_TARGET");
     assert!(
-        field(&closed, "TARGET")
-            .iter()
-            .any(|t| t.starts_with("localhost:")),
+        target.len() == 1 && target[0].starts_with("localhost:"),
         "{closed:?}"
     );
     assert_eq!(field(&closed, "BYTES_TO_TARGET"), ["1000"]);

@@ -34,12 +34,8 @@ impl client::Handler for Probe {
         names: &russh::Names,
         session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        *self.negotiated.lock().unwrap_or_else(|e| e.into_inner()) = Some(Negotiated::new(
-            names.kex.as_ref(),
-            names.cipher.as_ref(),
-            names.key.as_str(),
-            session.remote_sshid(),
-        ));
+        *self.negotiated.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Negotiated::of(names, session));
         Ok(())
     }
 

@@ -112,12 +112,7 @@ impl client::Handler for SessionHandler {
         names: &russh::Names,
         session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let negotiated = Negotiated::new(
-            names.kex.as_ref(),
-            names.cipher.as_ref(),
-            names.key.as_str(),
-            session.remote_sshid(),
-        );
+        let negotiated = Negotiated::of(names, session);
         *self
             .shared
             .negotiated

@@ -134,3 +134,26 @@ pub async fn tunnel_up(extra: &str) -> (Sshd, Agent, u16) {
     agent.wait_ready().await;
     (sshd, agent, listen)
 }
+
+/// The metrics endpoint's text (`GET /metrics` on loopback port `mport`).
+pub async fn metrics_text(mport: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", mport)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// `secoda_agent_standby` and `secoda_agent_tunnel_up` from a metrics endpoint.
+pub async fn standby_and_up(mport: u16) -> (f64, f64) {
+    let body = metrics_text(mport).await;
+    let get = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}:\n{body}"))
+    };
+    (get("secoda_agent_standby"), get("secoda_agent_tunnel_up"))
+}

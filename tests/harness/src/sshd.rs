@@ -227,6 +227,25 @@ impl Sshd {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
+    /// OpenSSH's own client holding `listen` (as a previous session or an old container
+    /// would), once the server listens there; killed with the returned child.
+    pub async fn hold_port(&self, listen: u16) -> Child {
+        let holder = self
+            .openssh_forward(listen, &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            crate::eventually(Duration::from_secs(10), || async {
+                std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
+            })
+            .await,
+            "OpenSSH's client did not take port {listen}"
+        );
+        holder
+    }
+
     /// OpenSSH's own client holding a dynamic remote forward on `listen`, as the Docker image
     /// runs it (`ssh -N -R PORT`), with this server's host key pinned; `extra` options go
     /// before the destination.
