@@ -3,7 +3,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine;
