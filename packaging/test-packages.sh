@@ -183,14 +183,16 @@ inside journalctl -u secoda-agent CHANNEL_TARGET="localhost:$web_port" -o verbos
 ok "journal has the structured fields"
 
 step "Debian 12: the audit trail in the journal (docs/audit.md)"
-since=$(inside date '+%Y-%m-%d %H:%M:%S')
-sleep 1
+# From here on (a cursor, not a time: earlier probes of the port within the same second
+# are requests too).
+cursor=$(inside journalctl -u secoda-agent -n 1 --show-cursor --no-pager -q | sed -n 's/^-- cursor: //p')
+[ -n "$cursor" ] || fail "no journal cursor"
 fetch_through "$listen_port" "an audited request"
 curl -sS --max-time 5 --socks5-hostname "127.0.0.1:$listen_port" "http://127.0.0.1:$(free_port)/" >/dev/null 2>&1 || true
 curl -sS --max-time 5 --socks5-hostname "127.0.0.1:$listen_port" "http://169.254.169.254/" >/dev/null 2>&1 || true
 sleep 2
-inside journalctl -u secoda-agent MESSAGE_ID=d5a50c4f02b24110ab2d6264ab54dbdd --since "$since" -o json --no-pager > "$work/audit-end.json"
-inside journalctl -u secoda-agent MESSAGE_ID=1f7a8e5dc5b44f8791c5a552ab2494d2 --since "$since" -o json --no-pager > "$work/audit-open.json"
+inside journalctl -u secoda-agent MESSAGE_ID=d5a50c4f02b24110ab2d6264ab54dbdd --after-cursor "$cursor" -o json --no-pager > "$work/audit-end.json"
+inside journalctl -u secoda-agent MESSAGE_ID=1f7a8e5dc5b44f8791c5a552ab2494d2 --after-cursor "$cursor" -o json --no-pager > "$work/audit-open.json"
 python3 - "$work/audit-end.json" "$work/audit-open.json" <<'PY' || fail "audit events: $(cat "$work/audit-end.json")"
 import json, sys
 ends = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -323,6 +325,10 @@ after=$(inside systemctl show -p MainPID --value secoda-agent)
 [ "$after" != "$before" ] || fail "the main process did not change"
 [ "$(inside readlink "/proc/$after/exe")" = /usr/bin/secoda-agent ] || fail "the main process runs $(inside readlink "/proc/$after/exe")"
 inside test -d "/proc/$before" || fail "the old process exited while its transfers ran"
+for _ in $(seq 1 25); do
+    inside secoda-agent status | grep "draining:   the previous binary's process (pid $before)" >/dev/null && break
+    sleep 0.2
+done
 inside secoda-agent status | grep "draining:   the previous binary's process (pid $before)" >/dev/null \
     || fail "status does not show the old process draining: $(inside secoda-agent status)"
 wait "$load_pid" || fail "the load failed: $(cat "$work/load.err")"
