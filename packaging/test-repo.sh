@@ -235,7 +235,8 @@ cp "$work/user-data" "$ROOT/var/lib/cloud/seed/nocloud/user-data"
 printf 'instance-id: secoda-agent-test\nlocal-hostname: cloudinit\n' > "$ROOT/var/lib/cloud/seed/nocloud/meta-data"
 # The container shares the host's network: cloud-init must not configure it. And only this
 # repository, as above.
-printf 'network: {config: disabled}\ndatasource_list: [NoCloud, None]\n' > "$ROOT/etc/cloud/cloud.cfg.d/99-secoda-test.cfg"
+# (A cloud image has its locale generated; this minimal one has C.UTF-8 only.)
+printf 'network: {config: disabled}\ndatasource_list: [NoCloud, None]\nlocale: C.UTF-8\n' > "$ROOT/etc/cloud/cloud.cfg.d/99-secoda-test.cfg"
 rm -f "$ROOT/etc/apt/sources.list"
 boot "$ROOT"
 schema=$(inside cloud-init schema --config-file /var/lib/cloud/seed/nocloud/user-data 2>&1) \
