@@ -517,8 +517,11 @@ core_checks() {
         >"$work/install-$release.log" 2>&1 || fail "apt install on $name: $(tail -20 "$work/install-$release.log")"
     check_fresh_install
     verify=$(inside systemd-analyze verify /lib/systemd/system/secoda-agent.service /lib/systemd/system/secoda-agent@.service 2>&1 || true)
-    other=$(echo "$verify" | grep -v -e '^$' -e 'Unknown key name' -e 'Unknown lvalue' || true)
+    # Only what concerns the agent's units (Ubuntu 20.04's verify also complains about
+    # dbus.socket, a unit of the system).
+    other=$(echo "$verify" | grep secoda-agent | grep -v -e 'Unknown key name' -e 'Unknown lvalue' || true)
     [ -z "$other" ] || fail "systemd-analyze verify on $name: $verify"
+    verify=$(echo "$verify" | grep secoda-agent || true)
     ok "$name: installed with apt, user made, not enabled; systemd-analyze verify: ${verify:-clean}"
     start_web
     install_key
