@@ -579,13 +579,11 @@ chroot "$ROOT" getent passwd secoda-agent | grep ":/nonexistent:/usr/sbin/nologi
 ok "dpkg -i in a Debian 11 chroot without /proc: user and permissions made (systemd-sysusers $sysusers)"
 
 step "rpm scriptlets in a booted Debian 12 (Debian's rpm, --nodeps)"
-# A newer build to upgrade to: the same payload, release 2, whose unit's reload leaves a mark,
-# so that the upgrade shows which unit definition it reloaded with (%post reloads systemd
-# before it reloads the unit; the old package's %postun reloads systemd only after it).
+# A newer build to upgrade to: the same payload, release 2, with a changed unit (one more
+# variable): %post must reload systemd before it moves the agent to the new binary (the old
+# package's %postun reloads systemd only after it). The journal shows the order.
 mkdir -p "$work/rpm2"
-sed '0,/^ExecReload=/s//ExecReload=\/bin\/sh -c "echo 2 > $RUNTIME_DIRECTORY\/release"\nExecReload=/' \
-    systemd/secoda-agent.service > "$work/rpm2-unit.service"
-grep -F 'RUNTIME_DIRECTORY/release' "$work/rpm2-unit.service" >/dev/null || fail "the release-2 unit has no mark"
+sed '/^\[Service\]/a Environment=SECODA_AGENT_TEST_RELEASE=2' systemd/secoda-agent.service > "$work/rpm2-unit.service"
 
 rpm2_assets=$(python3 - "$work/rpm2-unit.service" <<'PY'
 import json, sys, tomllib
@@ -618,6 +616,8 @@ timeout 60 nsenter -t "$init_pid" -a systemctl enable --now secoda-agent >/dev/n
 wait_active
 check_connected
 before=$(inside systemctl show -p MainPID --value secoda-agent)
+since=$(inside date '+%Y-%m-%d %H:%M:%S')
+sleep 1
 inside rpm -Uvh --nodeps --quiet /root/"$(basename "$rpm2")" || fail "rpm -U"
 [ "$(inside rpm -q --qf '%{RELEASE}' secoda-agent)" = 2 ] || fail "not upgraded: $(inside rpm -q secoda-agent)"
 wait_restarted "$before"
@@ -625,8 +625,13 @@ after=$(inside systemctl show -p MainPID --value secoda-agent)
 exe=$(inside readlink "/proc/$after/exe")
 [ "$exe" = /usr/bin/secoda-agent ] || fail "the restarted agent runs $exe, not the upgraded binary"
 grep -q "listen_port = $listen_port" "$ROOT/etc/secoda-agent/agent.toml" || fail "the upgrade replaced the edited agent.toml"
-[ "$(inside cat /run/secoda-agent/release 2>/dev/null)" = 2 ] \
-    || fail "the upgrade reloaded the agent with the old unit definition (no daemon-reload before it)"
+order=$(inside journalctl --since "$since" -o cat --no-pager | grep -n -e "^Reloading" -e "Sent signal SIGHUP to main process" || true)
+first_reload=$(echo "$order" | grep -m1 ":Reloading" | cut -d: -f1)
+signalled=$(echo "$order" | grep -m1 "Sent signal SIGHUP" | cut -d: -f1)
+[ -n "$first_reload" ] && [ -n "$signalled" ] && [ "$first_reload" -lt "$signalled" ] \
+    || fail "systemd was not reloaded before the agent was moved to the new binary: $order"
+inside systemctl show -p Environment secoda-agent | grep SECODA_AGENT_TEST_RELEASE=2 >/dev/null \
+    || fail "the new unit definition is not loaded"
 [ ! -e "$ROOT/etc/secoda-agent/agent.toml.rpmnew" ] || fail "an unchanged default config left agent.toml.rpmnew"
 check_connected
 ok "rpm -U: edited agent.toml kept, running agent restarted onto the new binary and the new unit (pid $before -> $after)"

@@ -35,6 +35,16 @@ pub struct Inherited {
 }
 
 impl Inherited {
+    /// Tell the old process that this one will not take over, and why (one line).
+    pub fn refuse(&self, why: &str) {
+        use std::io::Write;
+        if let Ok(fd) = self.channel.try_clone() {
+            let mut s = std::os::unix::net::UnixStream::from(fd);
+            let line = why.replace('\n', "; ");
+            let _ = writeln!(s, "failed {line}");
+        }
+    }
+
     /// This process was started by a handover: take what it was given.
     pub fn from_env() -> Option<Inherited> {
         let channel = Successor::from_env()?;

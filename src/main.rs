@@ -84,15 +84,19 @@ fn run(
     instance: Option<String>,
     log_level: Option<log::LevelFilter>,
 ) -> ExitCode {
+    // Before the runtime's threads exist: it reads (and clears) the environment.
+    let handover = agent::Inherited::from_env();
     let cfg = match config::load(&sources) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("secoda-agent: configuration invalid, not starting:\n{e}");
+            if let Some(h) = &handover {
+                // An upgrade's new binary: the old process says why it keeps serving.
+                h.refuse(&format!("the new version refuses the configuration: {e}"));
+            }
             return ExitCode::from(exit::CONFIG);
         }
     };
-    // Before the runtime's threads exist: it reads (and clears) the environment.
-    let handover = agent::Inherited::from_env();
     logging::init(log_level.unwrap_or(cfg.log.level), instance.as_deref());
     agent::prepare_process();
     for w in &cfg.warnings {

@@ -475,7 +475,11 @@ async fn journald_entries_carry_structured_fields() {
     );
     // The audit trail's open event, by its MESSAGE_ID (docs/audit.md).
     let open = get(&entries, "audit: channel ").expect("no audit open entry");
-    assert_eq!(field(&open, "MESSAGE_ID"), ["1f7a8e5dc5b44f8791c5a552ab2494d2"], "{open:?}");
+    assert_eq!(
+        field(&open, "MESSAGE_ID"),
+        ["1f7a8e5dc5b44f8791c5a552ab2494d2"],
+        "{open:?}"
+    );
     assert_eq!(field(&open, "AUDIT_EVENT"), ["channel.open"], "{open:?}");
     assert_eq!(field(&open, "CHANNEL_ID").len(), 1, "{open:?}");
     assert_eq!(field(&closed, "BYTES_TO_TARGET"), ["1000"]);

@@ -371,3 +371,36 @@ async fn a_reload_that_changes_a_tunnel_setting_cuts_no_transfer() {
     assert!(!agent.output().contains("were cut"), "{}", agent.output());
     assert_serves(listen).await;
 }
+
+/// A new version stricter about the configuration: it says why over the handover's channel,
+/// and the old process keeps serving, naming the error.
+#[tokio::test]
+async fn a_new_binary_that_refuses_the_configuration_says_why_and_the_old_one_serves() {
+    let sshd = Sshd::start();
+    let listen = free_port();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = installed_copy(bin_dir.path());
+    let toml = sshd.agent_toml(listen, "");
+    let agent = Agent::start_bin(&bin, &toml);
+    agent.wait_ready().await;
+    let old_pid = agent.child.id();
+    // The file changed since the start (the running agent has not re-read it).
+    let broken = toml.replace(&format!("listen_port = {listen}"), "listen_port = 0");
+    assert_ne!(broken, toml);
+    std::fs::write(agent.config_path(), broken).unwrap();
+    replace(&bin, &std::fs::read(agent_bin()).unwrap());
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent
+            .wait_output("handover to", Duration::from_secs(20))
+            .await,
+        "{}",
+        agent.output()
+    );
+    let out = agent.output();
+    let line = out.lines().find(|l| l.contains("handover to")).unwrap();
+    assert!(line.contains("refuses the configuration"), "{line}");
+    assert!(line.contains("listen_port"), "{line}");
+    assert_eq!(status_json(&agent)["pid"], old_pid);
+    assert_serves(listen).await;
+}
