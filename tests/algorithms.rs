@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use secoda_agent_harness::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The key exchange sshd logged for the first session (`kex: algorithm: NAME`, LogLevel DEBUG).
 fn server_kex(sshd: &Sshd) -> String {
