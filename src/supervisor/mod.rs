@@ -139,17 +139,17 @@ impl Supervisor {
         if resetting && !self.stale.is_some() {
             self.refusals.after_reset();
         }
-        if let (Ok(_), Some(_)) = (&result, &self.opts.successor) {
-            if let Ok(session) = result {
-                return self.take_over_from_predecessor(session).await;
-            }
-            return Flow::Stop;
-        }
-        if let (Err(e), Some(successor)) = (&result, self.opts.successor.as_mut()) {
-            // The old process keeps serving; it ends this one.
-            successor.say(&format!("failed {e}")).await;
-            log::error!(error_class = e.class(); "cannot take the tunnel over from the previous binary: {e}");
-            return Flow::Stop;
+        // A handover's new process takes over, or tells the old one why not (upgrade.rs).
+        if let Some(successor) = self.opts.successor.as_mut() {
+            return match result {
+                Ok(session) => self.take_over_from_predecessor(session).await,
+                Err(e) => {
+                    // The old process keeps serving; it ends this one.
+                    successor.say(&format!("failed {e}")).await;
+                    log::error!(error_class = e.class(); "cannot take the tunnel over from the previous binary: {e}");
+                    Flow::Stop
+                }
+            };
         }
         match result {
             Ok(session) => {
