@@ -184,11 +184,10 @@ async fn on_a_long_path_a_slow_target_slows_no_other_channel() {
         !out.contains("fell") && !out.contains("tunnel lost"),
         "{out}"
     );
-    // 40 ms is the path; a ping queued behind the slow channel's backlog would wait seconds.
-    assert!(
-        ping_p99 < Duration::from_millis(250),
-        "ping p99 {ping_p99:?}"
-    );
+    // 40 ms is the path; a ping queued behind the slow channel's backlog would wait for the
+    // target to take that backlog: 8 MiB (max_pending) at 4 MiB/s, 2 s. The bound sits well
+    // between the two: on a busy 2-core CI machine a p99 of 309 ms was seen with no backlog.
+    assert!(ping_p99 < Duration::from_secs(1), "ping p99 {ping_p99:?}");
     // The slow channel holds at most its window (within max_pending, 8 MiB), the bulk
     // channel its own: the 64 MiB sent to the slow target never sit in the agent.
     assert!(
