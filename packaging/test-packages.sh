@@ -183,6 +183,18 @@ inside journalctl -u secoda-agent CHANNEL_TARGET="localhost:$web_port" -o verbos
 ok "journal has the structured fields"
 
 step "Debian 12: the audit trail in the journal (docs/audit.md)"
+# One request of each outcome. A deny entry, a short connect_timeout and a limit of one channel
+# per target, live by a reload (the steps after this one run with the plain config again).
+deny_port=$(free_port)
+silent_port=$(free_port)
+write_config
+cat >> "$ROOT/etc/secoda-agent/agent.toml" <<CFG
+[forward]
+deny = ["127.0.0.1:$deny_port"]
+connect_timeout = "2s"
+max_connections_per_target = 1
+CFG
+inside systemctl reload secoda-agent
 # From here on (a cursor, not a time: earlier probes of the port within the same second
 # are requests too).
 cursor=$(inside journalctl -u secoda-agent -n 1 --show-cursor --no-pager -q | sed -n 's/^-- cursor: //p')
@@ -190,14 +202,73 @@ cursor=$(inside journalctl -u secoda-agent -n 1 --show-cursor --no-pager -q | se
 fetch_through "$listen_port" "an audited request"
 curl -sS --max-time 5 --socks5-hostname "127.0.0.1:$listen_port" "http://127.0.0.1:$(free_port)/" >/dev/null 2>&1 || true
 curl -sS --max-time 5 --socks5-hostname "127.0.0.1:$listen_port" "http://169.254.169.254/" >/dev/null 2>&1 || true
+# The rest from here (the container shares the host's network): a deny entry, a target that
+# never answers, one over the limit, a bad SOCKS request.
+python3 - "$listen_port" "$web_port" "$deny_port" "$silent_port" 2> "$work/audit-requests.err" <<'PY' \
+    || fail "audit requests: $(tail -5 "$work/audit-requests.err")"
+import socket, struct, sys, time
+listen, web, deny, silent = map(int, sys.argv[1:5])
+
+def exactly(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+def socks5(host, port):
+    s = socket.create_connection(("127.0.0.1", listen), timeout=15)
+    s.sendall(b"\x05\x01\x00")
+    assert exactly(s, 2) == b"\x05\x00"
+    name = host.encode()
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port))
+    head = exactly(s, 4)
+    exactly(s, {1: 4, 4: 16}[head[3]] + 2)
+    return head[1], s
+
+code, s = socks5("127.0.0.1", deny)
+assert code == 2, f"a deny entry's target: reply {code}"
+s.close()
+# A listener whose accept queue is full drops every SYN: the connect times out.
+full = socket.socket()
+full.bind(("127.0.0.1", silent))
+full.listen(0)
+fillers = []
+for _ in range(2):
+    f = socket.socket()
+    f.setblocking(False)
+    f.connect_ex(("127.0.0.1", silent))
+    fillers.append(f)
+time.sleep(0.5)
+t = time.monotonic()
+code, s = socks5("127.0.0.1", silent)
+assert code == 6, f"a target that never answers: reply {code}"
+took = time.monotonic() - t
+assert 1.5 < took < 6, f"timed out after {took:.1f}s (connect_timeout 2s)"
+s.close()
+held_code, held = socks5("127.0.0.1", web)
+assert held_code == 0, f"the first channel to the web server: reply {held_code}"
+code, s = socks5("127.0.0.1", web)
+assert code == 2, f"a second channel over max_connections_per_target = 1: reply {code}"
+s.close()
+held.close()
+bad = socket.create_connection(("127.0.0.1", listen), timeout=15)
+bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
+while bad.recv(4096):
+    pass
+bad.close()
+PY
 sleep 2
 # Everything after the cursor, sorted by MESSAGE_ID here (journalctl matches combined with
 # --after-cursor found nothing on systemd 252; the documented recipes have no cursor and are
 # checked below).
 inside journalctl -u secoda-agent --after-cursor "$cursor" -o json --no-pager > "$work/audit.json"
-python3 - "$work/audit.json" 2> "$work/audit-check.err" <<'PY' \
+python3 - "$work/audit.json" "$deny_port" "$silent_port" "$work/audit-ok-id" 2> "$work/audit-check.err" <<'PY' \
     || fail "audit events: $(tail -5 "$work/audit-check.err") in: $(cat "$work/audit.json")"
 import json, sys
+deny_port, silent_port = sys.argv[2], sys.argv[3]
 entries = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ends = [e for e in entries if e.get("MESSAGE_ID") == "d5a50c4f02b24110ab2d6264ab54dbdd"]
 opens = [e for e in entries if e.get("MESSAGE_ID") == "1f7a8e5dc5b44f8791c5a552ab2494d2"]
@@ -205,23 +276,46 @@ fields = ["AUDIT_SCHEMA", "AUDIT_EVENT", "CHANNEL_ID", "ORIGINATOR", "SOCKS_VERS
           "REQUESTED_PORT", "CONNECTED_ADDRESS", "DECISION", "RULE", "OUTCOME", "END_REASON",
           "BYTES_TO_TARGET", "BYTES_FROM_TARGET", "DURATION_S"]
 outcomes = sorted(e["OUTCOME"] for e in ends)
-assert outcomes == ["denied", "ok", "refused"], (outcomes, [(e["CHANNEL_ID"], e["OUTCOME"], e["END_REASON"]) for e in ends])
-for e in ends:
-    missing = [f for f in fields if f not in e]
+expected = ["denied", "denied", "ok", "ok", "over_limit", "refused", "socks_error", "timeout"]
+assert outcomes == expected, (outcomes, [(e["CHANNEL_ID"], e["OUTCOME"], e["END_REASON"], e["RULE"]) for e in ends])
+for e in ends + opens:
+    missing = [f for f in fields if f not in e and not (e in opens and f in ("OUTCOME", "END_REASON", "BYTES_TO_TARGET", "BYTES_FROM_TARGET", "DURATION_S"))]
     assert not missing, (missing, e)
-    assert e["AUDIT_SCHEMA"] == "1" and e["AUDIT_EVENT"] == "request.end", e
-ok = [e for e in ends if e["OUTCOME"] == "ok"][0]
-assert int(ok["BYTES_FROM_TARGET"]) > 0 and ok["DECISION"] == "allow", ok
-assert [o["CHANNEL_ID"] for o in opens] == [ok["CHANNEL_ID"]], ([o["CHANNEL_ID"] for o in opens], ok["CHANNEL_ID"])
-denied = [e for e in ends if e["OUTCOME"] == "denied"][0]
-assert denied["RULE"] == "metadata default" and denied["REQUESTED_HOST"] == "169.254.169.254", denied
+    assert e["AUDIT_SCHEMA"] == "1", e
+assert all(e["AUDIT_EVENT"] == "request.end" for e in ends)
+assert all(e["AUDIT_EVENT"] == "channel.open" for e in opens)
+by = lambda o: [e for e in ends if e["OUTCOME"] == o]
+ok = by("ok")
+with_bytes = [e for e in ok if int(e["BYTES_FROM_TARGET"]) > 0]
+assert len(with_bytes) == 1 and with_bytes[0]["DECISION"] == "allow", ok
+# Each accepted request's open and end events share their channel id.
+assert sorted(o["CHANNEL_ID"] for o in opens) == sorted(e["CHANNEL_ID"] for e in ok), (opens, ok)
+assert all(o["CONNECTED_ADDRESS"].startswith("127.0.0.1:") for o in opens), opens
+metadata = [e for e in by("denied") if e["RULE"] == "metadata default"]
+assert len(metadata) == 1 and metadata[0]["REQUESTED_HOST"] == "169.254.169.254", by("denied")
+entry = [e for e in by("denied") if e["RULE"].startswith("deny entry")]
+assert len(entry) == 1 and entry[0]["REQUESTED_PORT"] == deny_port, by("denied")
+limited = by("over_limit")[0]
+assert limited["RULE"] == "limit: [forward] max_connections_per_target" and limited["DECISION"] == "deny", limited
+timeout = by("timeout")[0]
+assert timeout["REQUESTED_PORT"] == silent_port and timeout["DECISION"] == "allow", timeout
+assert 1.5 < float(timeout["DURATION_S"]) < 6, timeout
+bad = by("socks_error")[0]
+assert bad["DECISION"] == "" and bad["REQUESTED_HOST"] == "", bad
+open(sys.argv[4], "w").write(with_bytes[0]["CHANNEL_ID"])
 PY
 # docs/audit.md's recipes, as written.
 inside journalctl -u secoda-agent MESSAGE_ID=d5a50c4f02b24110ab2d6264ab54dbdd OUTCOME=denied -o cat --no-pager \
     | grep "169.254.169.254" >/dev/null || fail "the recipe for denials finds nothing"
+inside journalctl -u secoda-agent MESSAGE_ID=d5a50c4f02b24110ab2d6264ab54dbdd OUTCOME=over_limit -o cat --no-pager \
+    | grep -F "limit: [forward] max_connections_per_target" >/dev/null || fail "the recipe for requests over a limit finds nothing"
 inside journalctl -u secoda-agent MESSAGE_ID=1f7a8e5dc5b44f8791c5a552ab2494d2 -o cat --no-pager \
     | grep "audit: channel" >/dev/null || fail "the open events' MESSAGE_ID finds nothing"
-ok "audit: journalctl MESSAGE_ID=... returns one end event per request (ok, refused, denied by the metadata default) with every field, and the accepted one's open event shares its CHANNEL_ID"
+one=$(inside journalctl -u secoda-agent _PID="$(inside systemctl show -p MainPID --value secoda-agent)" CHANNEL_ID="$(cat "$work/audit-ok-id")" -o cat --no-pager)
+[ "$(echo "$one" | grep -c "^audit: ")" = 2 ] || fail "the recipe for one request's events finds: $one"
+write_config
+inside systemctl reload secoda-agent
+ok "audit: journalctl MESSAGE_ID=... returns one end event per request, one of each outcome (ok with bytes, a deny entry, the metadata default, refused, timed out, over a limit, a bad SOCKS request) with every field, and each accepted one's open event shares its CHANNEL_ID"
 
 step "Debian 12: reload"
 check_reload

@@ -224,6 +224,45 @@ fn every_config_key_is_in_the_man_page_and_the_example() {
     assert!(missing.is_empty(), "{}", missing.join("\n"));
 }
 
+/// The audit trail's event ids and schema version are an interface: a security team filters
+/// on them, so the man page and docs/audit.md say the values the code writes.
+#[test]
+fn the_audit_schema_in_the_docs_is_the_one_the_code_writes() {
+    let code = read("src/audit.rs");
+    let man = read("packaging/man/agent.toml.5");
+    let page = read("docs/audit.md");
+    let ids: Vec<&str> = code
+        .lines()
+        .filter(|l| l.starts_with("pub const MESSAGE_ID_"))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let schema = code
+        .lines()
+        .find_map(|l| l.strip_prefix("pub const SCHEMA: u32 = "))
+        .unwrap()
+        .trim_end_matches(';');
+    let mut missing = Vec::new();
+    for id in &ids {
+        for (name, text) in [("agent.toml(5)", &man), ("docs/audit.md", &page)] {
+            if !text.contains(id) {
+                missing.push(format!("{name} lacks MESSAGE_ID {id}"));
+            }
+        }
+    }
+    if !man.contains(&format!("Schema version {schema} ")) {
+        missing.push(format!(
+            "agent.toml(5) does not say schema version {schema}"
+        ));
+    }
+    if !page.contains(&format!("`AUDIT_SCHEMA` is `{schema}`")) {
+        missing.push(format!(
+            "docs/audit.md does not say schema version {schema}"
+        ));
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}
+
 /// `pub const NAME: u8 = N;` values of `mod exit` in `file`.
 fn exit_codes(file: &str) -> Vec<u8> {
     let text = read(file);
