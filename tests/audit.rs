@@ -256,14 +256,16 @@ async fn a_rate_per_target_spaces_new_connections_and_holds_up_no_other_target()
         spread >= Duration::from_millis(5400) && spread < Duration::from_millis(8000),
         "60 connections at 10 per second spread over {spread:?}"
     );
-    // Within any second, at most 10 (+1 at the edge).
+    // Within any second, about 10: 11 at the edge, and a busy machine that wakes the agent
+    // late releases the overdue turns together, hence 13 (a limiter that did not pace would
+    // let all 60 through at once).
     for (i, t) in done.iter().enumerate() {
         let in_a_second = done[i..]
             .iter()
             .take_while(|u| **u < *t + Duration::from_secs(1))
             .count();
         assert!(
-            in_a_second <= 11,
+            in_a_second <= 13,
             "{in_a_second} connections within a second: {done:?}"
         );
     }
