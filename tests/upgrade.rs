@@ -373,7 +373,7 @@ async fn a_reload_that_changes_a_tunnel_setting_cuts_no_transfer() {
 }
 
 /// A new version stricter about the configuration: it says why over the handover's channel,
-/// and the old process keeps serving, naming the error.
+/// and the old process keeps serving, naming the error; the file mended, a reload hands over.
 #[tokio::test]
 async fn a_new_binary_that_refuses_the_configuration_says_why_and_the_old_one_serves() {
     let sshd = Sshd::start();
@@ -402,5 +402,24 @@ async fn a_new_binary_that_refuses_the_configuration_says_why_and_the_old_one_se
     assert!(line.contains("refuses the configuration"), "{line}");
     assert!(line.contains("listen_port"), "{line}");
     assert_eq!(status_json(&agent)["pid"], old_pid);
+    assert_serves(listen).await;
+
+    // Nothing retries a failed handover on its own; once the file is mended, the next reload
+    // (the operator's `systemctl reload`) hands over to the new binary.
+    std::fs::write(agent.config_path(), &toml).unwrap();
+    agent.signal(libc::SIGHUP);
+    let new_pid = until_some(Duration::from_secs(20), || async {
+        status_json(&agent)["pid"]
+            .as_u64()
+            .filter(|p| *p as u32 != old_pid)
+            .map(|p| p as u32)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the reload did not hand over: {}", agent.output()));
+    let _cleanup = KillOnDrop(Some(new_pid));
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new_pid}/exe")).unwrap(),
+        bin
+    );
     assert_serves(listen).await;
 }
