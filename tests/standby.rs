@@ -141,6 +141,16 @@ async fn a_second_agent_stands_by_and_takes_over_when_the_first_stops_or_dies() 
         "{}",
         second.output()
     );
+    // The take-over's "tunnel up" line says what the session negotiated, as every such line.
+    let out = second.output();
+    let up = out
+        .lines()
+        .find(|l| l.contains("took the server's port"))
+        .unwrap();
+    assert!(
+        up.contains("tunnel up:") && up.contains("; key exchange "),
+        "{up}"
+    );
     assert_eq!(second.status(&[]).0, 0);
     assert_eq!(standby_and_up(m2).await, (0.0, 1.0));
     assert!(first.wait_exit(Duration::from_secs(15)).await.is_some());

@@ -153,22 +153,7 @@ impl Supervisor {
         }
         match result {
             Ok(session) => {
-                let (addr, port) = &session.listen;
-                let negotiated = session.negotiated();
-                self.opts.telemetry.set_session(negotiated.clone());
-                let (kex, cipher, host_key, version, pq) = match &negotiated {
-                    Some(n) => (
-                        n.kex.as_str(),
-                        n.cipher.as_str(),
-                        n.host_key.as_str(),
-                        n.server_version.as_str(),
-                        n.post_quantum,
-                    ),
-                    None => ("", "", "", "", false),
-                };
-                let algorithms = negotiated
-                    .as_ref()
-                    .map_or_else(String::new, |n| format!("; {n}"));
+                self.opts.telemetry.set_session(session.negotiated());
                 if session.refused_since().is_some() {
                     self.refusals.refused(
                         true,
@@ -180,10 +165,15 @@ impl Supervisor {
                     );
                 } else {
                     self.failures.recovered();
-                    log::info!(
-                        tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = *port,
-                        kex = kex, cipher = cipher, host_key_algorithm = host_key, server_version = version, post_quantum = pq;
-                        "tunnel up: connected to {} as {}, the server listens on {addr}:{port}{algorithms}", session.server, self.cfg.tunnel.user);
+                    let (addr, port) = &session.listen;
+                    tunnel_up(
+                        &self.cfg,
+                        &session,
+                        &format!(
+                            "connected to {} as {}, the server listens on {addr}:{port}",
+                            session.server, self.cfg.tunnel.user
+                        ),
+                    );
                     self.opts.telemetry.up();
                 }
                 // A pair's standby is a started service; a refused port on any other host is
@@ -430,6 +420,23 @@ impl Supervisor {
             self.last_status = status;
         }
     }
+}
+
+/// The "tunnel up" line, however the tunnel came up (`how`: connected, took a refused port
+/// over, took over from the previous binary), with what the key exchange settled in its text
+/// and in its journald fields (`KEX`, `CIPHER`, `HOST_KEY_ALGORITHM`, `SERVER_VERSION`,
+/// `POST_QUANTUM`; docs/security.md), so that one query finds every such line.
+fn tunnel_up(cfg: &Config, session: &Session, how: &str) {
+    let negotiated = session.negotiated();
+    let n = negotiated.as_ref();
+    let field = |f: fn(&crate::algorithms::Negotiated) -> &str| n.map_or("", f);
+    let algorithms = n.map_or_else(String::new, |n| format!("; {n}"));
+    let t = &cfg.tunnel;
+    log::info!(
+        tunnel_host = t.host.as_str(), tunnel_port = t.port, listen_port = session.listen.1,
+        kex = field(|n| &n.kex), cipher = field(|n| &n.cipher), host_key_algorithm = field(|n| &n.host_key),
+        server_version = field(|n| &n.server_version), post_quantum = n.is_some_and(|n| n.post_quantum);
+        "tunnel up: {how}{algorithms}");
 }
 
 /// The tunnel is not up `READY_WAIT_MAX` after start: tell systemd the service is up anyway,

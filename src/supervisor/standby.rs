@@ -127,17 +127,18 @@ impl Refusals {
         failures: &mut FailureLog,
         telemetry: &Telemetry,
     ) {
-        let t = &cfg.tunnel;
         let (addr, port) = &session.listen;
         failures.recovered();
-        let was = if t.pair {
+        let was = if cfg.tunnel.pair {
             "standing by"
         } else {
             "being refused it"
         };
-        log::info!(
-            tunnel_host = t.host.as_str(), tunnel_port = t.port, listen_port = *port;
-            "tunnel up: took the server's port {addr}:{port} over after {was} for {:.0}s", refused_for.as_secs_f64());
+        let how = format!(
+            "took the server's port {addr}:{port} over after {was} for {:.0}s",
+            refused_for.as_secs_f64()
+        );
+        super::tunnel_up(cfg, session, &how);
         telemetry.up();
     }
 

@@ -193,16 +193,13 @@ impl Supervisor {
         }
         systemd::speak();
         self.opts.local.go_live();
-        let (addr, port) = session.listen.clone();
-        let negotiated = session.negotiated();
-        self.opts.telemetry.set_session(negotiated.clone());
+        let (addr, port) = &session.listen;
+        self.opts.telemetry.set_session(session.negotiated());
         self.opts.telemetry.up();
-        let algorithms = negotiated
-            .as_ref()
-            .map_or_else(String::new, |n| format!("; {n}"));
-        log::info!(
-            tunnel_host = self.cfg.tunnel.host.as_str(), tunnel_port = self.cfg.tunnel.port, listen_port = port;
-            "tunnel up: took the tunnel over from the previous binary, the server listens on {addr}:{port}{algorithms}");
+        let how = format!(
+            "took the tunnel over from the previous binary, the server listens on {addr}:{port}"
+        );
+        super::tunnel_up(&self.cfg, &session, &how);
         self.session = Some(session);
         let status = self.connected_status();
         self.last_status = status.clone();
