@@ -20,6 +20,15 @@ pub fn is_post_quantum(kex: &str) -> bool {
     POST_QUANTUM_KEX.contains(&kex)
 }
 
+/// The key exchanges proper of a server's offer, without the extension markers OpenSSH lists
+/// among them (`ext-info-s`, `kex-strict-s-v00@openssh.com`): what an error names.
+pub fn kex_offered(theirs: Vec<String>) -> Vec<String> {
+    theirs
+        .into_iter()
+        .filter(|k| !k.starts_with("ext-info-") && !k.starts_with("kex-strict-"))
+        .collect()
+}
+
 /// The algorithms of an established session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Negotiated {
@@ -33,14 +42,20 @@ pub struct Negotiated {
 }
 
 impl Negotiated {
-    /// What russh's key exchange settled (`Handler::kex_done`).
-    pub fn of(names: &russh::Names, session: &russh::client::Session) -> Self {
-        Self::new(
+    /// Keep in `slot` what russh's key exchange settled: the `Handler::kex_done` of the
+    /// agent's session and of `doctor`.
+    pub fn record(
+        slot: &std::sync::Mutex<Option<Negotiated>>,
+        names: &russh::Names,
+        session: &russh::client::Session,
+    ) {
+        let negotiated = Self::new(
             names.kex.as_ref(),
             names.cipher.as_ref(),
             names.key.as_str(),
             session.remote_sshid(),
-        )
+        );
+        *crate::lock(slot) = Some(negotiated);
     }
 
     pub fn new(kex: &str, cipher: &str, host_key: &str, server_version: &[u8]) -> Self {

@@ -37,6 +37,12 @@ pub mod telemetry;
 pub mod transport;
 pub mod tunnel;
 
+/// A mutex's guard, poisoned or not: a panic in one task must not take every later user of
+/// the same table or slot down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Exit codes (sysexits.h where one fits): the unit uses `RestartPreventExitStatus=78`.
 pub mod exit {
     pub const OK: u8 = 0;

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::lock;
+
 /// Why a request was refused by a limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitHit {
@@ -77,10 +79,6 @@ impl Drop for Permit {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl TargetLimits {
     /// Count a channel to `target` (`max`: the per-target bound, 0 for none), or refuse it.
     pub fn open(self: &Arc<Self>, target: SocketAddr, max: usize) -> Result<Permit, LimitHit> {
@@ -125,7 +123,8 @@ impl TargetLimits {
         Ok(())
     }
 
-    /// Open channels to `target` now (tests, status).
+    /// Open channels to `target` now.
+    #[cfg(test)]
     pub fn open_to(&self, target: SocketAddr) -> usize {
         lock(&self.targets).get(&target).map_or(0, |t| t.open)
     }

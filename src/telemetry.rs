@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::algorithms::Negotiated;
 use crate::count::OpenCount;
+use crate::lock;
 
 /// The tunnel's state as `status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,10 +395,6 @@ pub struct Telemetry {
     /// Every open channel, across sessions (the forwarder counts into it).
     pub active: Arc<OpenCount>,
     pub metrics: Metrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn unix(t: SystemTime) -> u64 {

@@ -96,6 +96,24 @@ fn requests(
     })
 }
 
+/// SIGHUP after the binary was replaced by one that will not serve: the old process's line
+/// saying the handover failed.
+async fn failed_handover_line(agent: &Agent) -> String {
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent
+            .wait_output("handover to", Duration::from_secs(20))
+            .await,
+        "{}",
+        agent.output()
+    );
+    let out = agent.output();
+    out.lines()
+        .find(|l| l.contains("handover to"))
+        .unwrap()
+        .to_string()
+}
+
 fn status_json(agent: &Agent) -> serde_json::Value {
     let (_, text) = agent.status(&["--json"]);
     serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
@@ -247,16 +265,7 @@ async fn a_new_binary_that_cannot_serve_leaves_the_old_one_serving() {
         &bin,
         b"#!/bin/sh\necho 'configuration invalid: a stricter new version' >&2\nexit 78\n",
     );
-    agent.signal(libc::SIGHUP);
-    assert!(
-        agent
-            .wait_output("handover to", Duration::from_secs(20))
-            .await,
-        "{}",
-        agent.output()
-    );
-    let out = agent.output();
-    let line = out.lines().find(|l| l.contains("handover to")).unwrap();
+    let line = failed_handover_line(&agent).await;
     assert!(line.starts_with("ERROR"), "{line}");
     assert!(
         line.contains("keeps serving with the previous binary"),
@@ -389,16 +398,7 @@ async fn a_new_binary_that_refuses_the_configuration_says_why_and_the_old_one_se
     assert_ne!(broken, toml);
     std::fs::write(agent.config_path(), broken).unwrap();
     replace(&bin, &std::fs::read(agent_bin()).unwrap());
-    agent.signal(libc::SIGHUP);
-    assert!(
-        agent
-            .wait_output("handover to", Duration::from_secs(20))
-            .await,
-        "{}",
-        agent.output()
-    );
-    let out = agent.output();
-    let line = out.lines().find(|l| l.contains("handover to")).unwrap();
+    let line = failed_handover_line(&agent).await;
     assert!(line.contains("refuses the configuration"), "{line}");
     assert!(line.contains("listen_port"), "{line}");
     assert_eq!(status_json(&agent)["pid"], old_pid);

@@ -34,8 +34,7 @@ impl client::Handler for Probe {
         names: &russh::Names,
         session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        *self.negotiated.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Negotiated::of(names, session));
+        Negotiated::record(&self.negotiated, names, session);
         Ok(())
     }
 
@@ -91,7 +90,7 @@ pub(super) async fn ssh(
                     elapsed_ms(started)
                 ),
             );
-            if let Some(n) = negotiated.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            if let Some(n) = crate::lock(&negotiated).clone() {
                 r.ok("algorithms", n.to_string());
             }
             h
@@ -118,7 +117,7 @@ pub(super) async fn ssh(
                 "ssh handshake",
                 format!(
                     "the server offers no post-quantum key exchange (it offers: {})",
-                    theirs.join(", ")
+                    crate::algorithms::kex_offered(theirs).join(", ")
                 ),
                 "[tunnel] require_post_quantum refuses it: OpenSSH 9.9 and later offer mlkem768x25519-sha256; ask Secoda, or remove require_post_quantum",
             );

@@ -28,7 +28,7 @@ static KNOWN: Mutex<Option<Known>> = Mutex::new(None);
 /// `name`'s addresses from the hosts file, where the name service switch reads it first.
 pub fn lookup(name: &str) -> Option<Vec<IpAddr>> {
     let seen = [version(Path::new(HOSTS)), version(Path::new(NSSWITCH))];
-    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut known = crate::lock(&KNOWN);
     if known.as_ref().is_none_or(|k| k.seen != seen) {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let names = if files_first(&read(NSSWITCH)) {

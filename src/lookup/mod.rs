@@ -30,6 +30,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::connect::ResolveError;
 use crate::constants::{LOOKUP_STUCK_AFTER, TARGET_LOOKUPS_MAX, TARGET_LOOKUPS_STUCK_MAX};
+use crate::lock;
 
 /// A lookup's result, shared by every request for the name (an `io::Error` is not `Clone`).
 type Answer = Result<Vec<IpAddr>, (io::ErrorKind, String)>;
@@ -64,10 +65,6 @@ pub async fn resolve_target(host: &str, port: u16) -> Result<Vec<SocketAddr>, Re
             .collect());
     }
     TARGETS.resolve(host, port).await
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Lookups {

@@ -112,12 +112,7 @@ impl client::Handler for SessionHandler {
         names: &russh::Names,
         session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let negotiated = Negotiated::of(names, session);
-        *self
-            .shared
-            .negotiated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(negotiated);
+        Negotiated::record(&self.shared.negotiated, names, session);
         Ok(())
     }
 

@@ -205,11 +205,7 @@ pub async fn establish(
                     ..
                 }) if t.require_post_quantum => TunnelError::NotPostQuantum {
                     server: server.clone(),
-                    // The key exchanges proper, not the extension markers.
-                    offered: theirs
-                        .into_iter()
-                        .filter(|k| !k.starts_with("ext-info-") && !k.starts_with("kex-strict-"))
-                        .collect(),
+                    offered: crate::algorithms::kex_offered(theirs),
                 },
                 HandlerError::Ssh(e) => TunnelError::Handshake {
                     server: server.clone(),
@@ -309,11 +305,7 @@ impl Session {
 
     /// What the key exchange settled.
     pub fn negotiated(&self) -> Option<Negotiated> {
-        self.shared
-            .negotiated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::lock(&self.shared.negotiated).clone()
     }
 
     /// Since when the server refuses the forward, if it does.
